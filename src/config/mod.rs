@@ -1,0 +1,317 @@
+//! Typed configuration: a TOML file, then `FHIRGATE_*` environment overrides.
+//!
+//! Every option has a default that works on a laptop, so `fhirgate serve` with no file runs the
+//! embedded store on `127.0.0.1:8080` with data under `./data`. Secrets are wrapped in [`Secret`],
+//! whose `Debug` and `Display` print `***`, so a config dump in a log never leaks them.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Errors while loading configuration; reported once at startup.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid config file {path}: {source}")]
+    Parse {
+        path: PathBuf,
+        source: Box<toml::de::Error>,
+    },
+    #[error("invalid value for {var}: {message}")]
+    Env { var: String, message: String },
+}
+
+/// A value that must never be printed: `Debug` and `Display` show `***`.
+#[derive(Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Secret<T>(T);
+
+impl<T> Secret<T> {
+    pub fn new(value: T) -> Self {
+        Self(value)
+    }
+    /// The wrapped value; call sites that use it should be few and obvious.
+    pub fn expose(&self) -> &T {
+        &self.0
+    }
+}
+
+impl<T> fmt::Debug for Secret<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+impl<T> fmt::Display for Secret<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+/// The whole configuration of one fhirgate process.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub store: StoreConfig,
+    pub fhir: FhirConfig,
+    pub log: LogConfig,
+}
+
+/// HTTP listener and request limits.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Address to listen on.
+    pub bind: SocketAddr,
+    /// Base URL that clients see, used in `Location`, `fullUrl` and paging links.
+    /// Defaults to `http://{bind}`.
+    pub public_url: Option<String>,
+    /// Largest accepted request body, in bytes (413 beyond it).
+    pub max_body_bytes: usize,
+    /// Time a request may take before it is answered with 503.
+    pub request_timeout_secs: u64,
+    /// Open connections accepted at once; further clients wait in the accept queue.
+    pub max_connections: usize,
+    /// Time in-flight requests get to finish after a shutdown signal.
+    pub shutdown_grace_secs: u64,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            bind: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            public_url: None,
+            max_body_bytes: 16 * 1024 * 1024,
+            request_timeout_secs: 30,
+            max_connections: 1024,
+            shutdown_grace_secs: 20,
+        }
+    }
+}
+
+impl ServerConfig {
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_secs(self.request_timeout_secs)
+    }
+}
+
+/// Where and how data is kept.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StoreConfig {
+    /// Folder for the embedded database (`fhirgate.redb`) and other state.
+    pub data_dir: PathBuf,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            data_dir: PathBuf::from("./data"),
+        }
+    }
+}
+
+/// Behaviour of the FHIR REST facade.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FhirConfig {
+    /// Validate resources against the R4 JSON schema on every write.
+    pub validate: bool,
+    /// The R4 JSON schema; the copy shipped in `profiles/` is compiled in when this is unset.
+    pub schema_path: Option<PathBuf>,
+    /// Page size when a search has no `_count`.
+    pub default_page_size: usize,
+    /// Largest `_count` honoured.
+    pub max_page_size: usize,
+}
+
+impl Default for FhirConfig {
+    fn default() -> Self {
+        Self {
+            validate: true,
+            schema_path: None,
+            default_page_size: 50,
+            max_page_size: 1000,
+        }
+    }
+}
+
+/// Log output.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// `tracing` filter directive, e.g. `info` or `fhirgate=debug,info`.
+    pub level: String,
+    /// `json` (one object per line) or `pretty` (for a terminal).
+    pub format: LogFormat,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            level: "info".into(),
+            format: LogFormat::Json,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Json,
+    Pretty,
+}
+
+impl Config {
+    /// Reads `path` (if given) and applies `FHIRGATE_*` overrides from the process environment.
+    pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
+        let mut config = match path {
+            Some(path) => Self::from_file(path)?,
+            None => Self::default(),
+        };
+        config.apply_env(std::env::vars())?;
+        Ok(config)
+    }
+
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.to_owned(),
+            source: Box::new(source),
+        })
+    }
+
+    /// Applies overrides named `FHIRGATE_{SECTION}__{KEY}` (double underscore between section
+    /// and key, e.g. `FHIRGATE_SERVER__BIND=0.0.0.0:8080`). Unknown names are an error, so a
+    /// typo does not silently leave a default in place.
+    pub fn apply_env<I>(&mut self, vars: I) -> Result<(), ConfigError>
+    where
+        I: IntoIterator<Item = (String, String)>,
+    {
+        for (name, value) in vars {
+            let Some(key) = name.strip_prefix("FHIRGATE_") else {
+                continue;
+            };
+            let key = key.to_ascii_lowercase();
+            let bad = |message: String| ConfigError::Env {
+                var: name.clone(),
+                message,
+            };
+            match key.as_str() {
+                "server__bind" => self.server.bind = parse(&value).map_err(bad)?,
+                "server__public_url" => self.server.public_url = Some(value.clone()),
+                "server__max_body_bytes" => self.server.max_body_bytes = parse(&value).map_err(bad)?,
+                "server__request_timeout_secs" => {
+                    self.server.request_timeout_secs = parse(&value).map_err(bad)?
+                }
+                "server__max_connections" => {
+                    self.server.max_connections = parse(&value).map_err(bad)?
+                }
+                "server__shutdown_grace_secs" => {
+                    self.server.shutdown_grace_secs = parse(&value).map_err(bad)?
+                }
+                "store__data_dir" => self.store.data_dir = PathBuf::from(&value),
+                "fhir__validate" => self.fhir.validate = parse(&value).map_err(bad)?,
+                "fhir__schema_path" => self.fhir.schema_path = Some(PathBuf::from(&value)),
+                "fhir__default_page_size" => {
+                    self.fhir.default_page_size = parse(&value).map_err(bad)?
+                }
+                "fhir__max_page_size" => self.fhir.max_page_size = parse(&value).map_err(bad)?,
+                "log__level" => self.log.level = value.clone(),
+                "log__format" => {
+                    self.log.format = match value.as_str() {
+                        "json" => LogFormat::Json,
+                        "pretty" => LogFormat::Pretty,
+                        other => return Err(bad(format!("expected json or pretty, got {other:?}"))),
+                    }
+                }
+                // The config file path itself is read by the CLI, not here.
+                "config" => {}
+                _ => return Err(bad("unknown setting".into())),
+            }
+        }
+        Ok(())
+    }
+
+    /// The base URL clients use to reach this server, without a trailing slash.
+    pub fn public_base_url(&self) -> String {
+        match &self.server.public_url {
+            Some(url) => url.trim_end_matches('/').to_owned(),
+            None => format!("http://{}", self.server.bind),
+        }
+    }
+}
+
+fn parse<T>(value: &str) -> Result<T, String>
+where
+    T: std::str::FromStr,
+    T::Err: fmt::Display,
+{
+    value.parse().map_err(|e: T::Err| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_listen_locally_and_keep_data_in_dot_data() {
+        let config = Config::default();
+        assert_eq!(config.server.bind.to_string(), "127.0.0.1:8080");
+        assert_eq!(config.store.data_dir, PathBuf::from("./data"));
+        assert!(config.fhir.validate);
+    }
+
+    #[test]
+    fn file_then_env_overrides() {
+        let mut config: Config = toml::from_str(
+            "[server]\nbind = \"0.0.0.0:9000\"\nmax_body_bytes = 10\n[fhir]\nvalidate = false\n",
+        )
+        .expect("valid toml");
+        assert_eq!(config.server.max_body_bytes, 10);
+        config
+            .apply_env([
+                ("FHIRGATE_SERVER__BIND".to_string(), "127.0.0.1:1".to_string()),
+                ("PATH".to_string(), "/bin".to_string()),
+            ])
+            .expect("valid env");
+        assert_eq!(config.server.bind.port(), 1);
+        assert!(!config.fhir.validate);
+    }
+
+    #[test]
+    fn unknown_or_malformed_env_is_an_error() {
+        let mut config = Config::default();
+        let err = config
+            .apply_env([("FHIRGATE_SERVER__BINDD".to_string(), "x".to_string())])
+            .expect_err("typo must be reported");
+        assert!(err.to_string().contains("FHIRGATE_SERVER__BINDD"));
+        let err = config
+            .apply_env([("FHIRGATE_SERVER__MAX_CONNECTIONS".to_string(), "many".to_string())])
+            .expect_err("not a number");
+        assert!(err.to_string().contains("invalid value"));
+    }
+
+    #[test]
+    fn unknown_file_keys_are_rejected() {
+        assert!(toml::from_str::<Config>("[server]\nbnd = \"x\"\n").is_err());
+    }
+
+    #[test]
+    fn secrets_never_print() {
+        let secret = Secret::new("hunter2".to_string());
+        assert_eq!(format!("{secret:?} {secret}"), "*** ***");
+        assert_eq!(secret.expose(), "hunter2");
+    }
+}

@@ -1,0 +1,368 @@
+//! Validation against the official FHIR R4 (4.0.1) JSON schema in `profiles/`.
+//!
+//! Two validators share one schema. The whole-schema validator answers "is this valid?" in about
+//! a microsecond but, because the schema's root is a `oneOf` over all 146 resource types, its
+//! errors only say "matches none". So a failure is explained by a second validator compiled for
+//! just that resource type, lazily and cached, whose errors carry the path of the offending
+//! element. That path becomes a FHIRPath `issue.expression` (`Patient.name[0].given[1]`).
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, RwLock};
+
+use http::StatusCode;
+use jsonschema::error::ValidationErrorKind;
+use serde_json::Value;
+
+use super::outcome::{FhirError, Issue};
+
+/// The schema shipped with the project, compiled into the binary so a fresh machine needs nothing.
+pub const BUNDLED_SCHEMA: &str = include_str!("../../profiles/fhir.schema.json");
+
+/// Most issues reported for one resource; more only repeat the lesson.
+const MAX_ISSUES: usize = 20;
+
+/// Errors while loading the schema itself (startup only).
+#[derive(Debug, thiserror::Error)]
+pub enum SchemaError {
+    #[error("schema is not JSON: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("schema does not compile: {0}")]
+    Compile(String),
+    #[error("schema has no resource list (root oneOf)")]
+    NoResourceList,
+}
+
+/// Validates resources against the R4 schema and knows which resource types exist.
+pub struct SchemaValidator {
+    schema: Value,
+    whole: jsonschema::Validator,
+    resource_types: BTreeSet<String>,
+    per_type: RwLock<HashMap<String, Arc<jsonschema::Validator>>>,
+}
+
+impl std::fmt::Debug for SchemaValidator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SchemaValidator")
+            .field("resource_types", &self.resource_types.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl SchemaValidator {
+    /// The schema compiled into the binary.
+    pub fn bundled() -> Result<Self, SchemaError> {
+        Self::from_json(BUNDLED_SCHEMA)
+    }
+
+    pub fn from_json(text: &str) -> Result<Self, SchemaError> {
+        let schema: Value = serde_json::from_str(text)?;
+        let resource_types: BTreeSet<String> = schema["oneOf"]
+            .as_array()
+            .ok_or(SchemaError::NoResourceList)?
+            .iter()
+            .filter_map(|branch| branch["$ref"].as_str())
+            .filter_map(|r| r.strip_prefix("#/definitions/"))
+            .map(str::to_owned)
+            .collect();
+        if resource_types.is_empty() {
+            return Err(SchemaError::NoResourceList);
+        }
+        let whole = jsonschema::draft6::options()
+            .build(&schema)
+            .map_err(|e| SchemaError::Compile(e.to_string()))?;
+        Ok(Self {
+            schema,
+            whole,
+            resource_types,
+            per_type: RwLock::new(HashMap::new()),
+        })
+    }
+
+    pub fn is_resource_type(&self, name: &str) -> bool {
+        self.resource_types.contains(name)
+    }
+
+    pub fn resource_types(&self) -> impl Iterator<Item = &str> {
+        self.resource_types.iter().map(String::as_str)
+    }
+
+    /// Whether resources of `resource_type` have an element called `element` (e.g. `identifier`).
+    pub fn has_element(&self, resource_type: &str, element: &str) -> bool {
+        self.schema["definitions"][resource_type]["properties"]
+            .get(element)
+            .is_some()
+    }
+
+    /// Checks `resource` against the schema; on failure the error lists every problem found
+    /// (up to a limit) with its FHIRPath.
+    pub fn validate(&self, resource: &Value) -> Result<(), FhirError> {
+        let resource_type = check_resource_type(self, resource)?;
+        if self.whole.is_valid(resource) {
+            return Ok(());
+        }
+        let mut issues = Vec::new();
+        self.explain(resource_type, resource, resource_type, &mut issues)?;
+        if issues.is_empty() {
+            issues.push(
+                Issue::error("structure", "resource does not conform to the FHIR R4 schema")
+                    .at(resource_type),
+            );
+        }
+        issues.truncate(MAX_ISSUES);
+        // Shape problems (wrong types, unknown or missing elements) make the request malformed;
+        // a well-formed resource whose values break the rules is unprocessable.
+        let malformed = issues.iter().any(|i| i.code != "value");
+        let status = if malformed {
+            StatusCode::BAD_REQUEST
+        } else {
+            StatusCode::UNPROCESSABLE_ENTITY
+        };
+        Err(FhirError::with_issues(status, issues))
+    }
+
+    /// Collects the precise errors for `resource` (of `resource_type`), with expressions rooted at
+    /// `prefix`. Resources nested in `contained` or Bundle entries are explained recursively, since
+    /// the schema reaches them through another `oneOf`.
+    fn explain(
+        &self,
+        resource_type: &str,
+        resource: &Value,
+        prefix: &str,
+        issues: &mut Vec<Issue>,
+    ) -> Result<(), FhirError> {
+        let validator = self.type_validator(resource_type)?;
+        for error in validator.iter_errors(resource) {
+            if issues.len() >= MAX_ISSUES {
+                break;
+            }
+            let segments = pointer_segments(error.instance_path().as_str());
+            let path = fhirpath(prefix, &segments);
+            match error.kind() {
+                ValidationErrorKind::AdditionalProperties { unexpected } => {
+                    for name in unexpected {
+                        issues.push(
+                            Issue::error("structure", format!("unknown element '{name}'"))
+                                .at(format!("{path}.{name}")),
+                        );
+                    }
+                }
+                ValidationErrorKind::Required { property } => {
+                    let name = property.as_str().unwrap_or_default();
+                    issues.push(
+                        Issue::error("required", format!("missing required element '{name}'"))
+                            .at(format!("{path}.{name}")),
+                    );
+                }
+                ValidationErrorKind::OneOfNotValid { .. } => {
+                    let nested = lookup(resource, &segments);
+                    let nested_type = nested
+                        .and_then(|n| n.get("resourceType"))
+                        .and_then(Value::as_str);
+                    match (nested, nested_type) {
+                        (Some(nested), Some(t)) if self.is_resource_type(t) => {
+                            self.explain(t, nested, &path, issues)?;
+                        }
+                        (_, Some(t)) => issues.push(
+                            Issue::error("structure", format!("unknown resource type '{t}'"))
+                                .at(format!("{path}.resourceType")),
+                        ),
+                        _ => issues.push(
+                            Issue::error("structure", "not a valid nested resource").at(path),
+                        ),
+                    }
+                }
+                kind => {
+                    let code = match kind {
+                        ValidationErrorKind::Type { .. }
+                        | ValidationErrorKind::MinItems { .. }
+                        | ValidationErrorKind::MaxItems { .. }
+                        | ValidationErrorKind::FalseSchema => "structure",
+                        _ => "value",
+                    };
+                    issues.push(Issue::error(code, error.masked().to_string()).at(path));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn type_validator(&self, resource_type: &str) -> Result<Arc<jsonschema::Validator>, FhirError> {
+        if let Some(v) = self
+            .per_type
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(resource_type)
+        {
+            return Ok(v.clone());
+        }
+        let mut schema = self.schema.clone();
+        if let Some(root) = schema.as_object_mut() {
+            root.remove("oneOf");
+            root.insert(
+                "$ref".into(),
+                Value::String(format!("#/definitions/{resource_type}")),
+            );
+        }
+        let compiled = jsonschema::draft6::options()
+            .build(&schema)
+            .map_err(|e| FhirError::internal(format!("schema for {resource_type}: {e}")))?;
+        let compiled = Arc::new(compiled);
+        self.per_type
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(resource_type.to_owned(), compiled.clone());
+        Ok(compiled)
+    }
+}
+
+/// The checks that apply even with schema validation off: an object with a known `resourceType`.
+pub fn check_resource_type<'a>(
+    validator: &SchemaValidator,
+    resource: &'a Value,
+) -> Result<&'a str, FhirError> {
+    let Some(object) = resource.as_object() else {
+        return Err(FhirError::bad_request(
+            "structure",
+            "a resource must be a JSON object",
+        ));
+    };
+    let Some(rt) = object.get("resourceType") else {
+        return Err(FhirError::new(
+            StatusCode::BAD_REQUEST,
+            Issue::error("required", "missing resourceType").at("resourceType"),
+        ));
+    };
+    let Some(rt) = rt.as_str() else {
+        return Err(FhirError::new(
+            StatusCode::BAD_REQUEST,
+            Issue::error("structure", "resourceType must be a string").at("resourceType"),
+        ));
+    };
+    if !validator.is_resource_type(rt) {
+        return Err(FhirError::new(
+            StatusCode::BAD_REQUEST,
+            Issue::error(
+                "not-supported",
+                format!("'{rt}' is not a FHIR R4 resource type"),
+            )
+            .at("resourceType"),
+        ));
+    }
+    Ok(rt)
+}
+
+/// Splits a JSON pointer into its unescaped segments.
+fn pointer_segments(pointer: &str) -> Vec<String> {
+    if pointer.is_empty() {
+        return Vec::new();
+    }
+    pointer
+        .trim_start_matches('/')
+        .split('/')
+        .map(|s| s.replace("~1", "/").replace("~0", "~"))
+        .collect()
+}
+
+/// `["name","0","given"]` under `Patient` → `Patient.name[0].given`.
+fn fhirpath(prefix: &str, segments: &[String]) -> String {
+    let mut out = prefix.to_string();
+    for segment in segments {
+        if segment.bytes().all(|b| b.is_ascii_digit()) && !segment.is_empty() {
+            out.push('[');
+            out.push_str(segment);
+            out.push(']');
+        } else {
+            out.push('.');
+            out.push_str(segment);
+        }
+    }
+    out
+}
+
+fn lookup<'a>(mut value: &'a Value, segments: &[String]) -> Option<&'a Value> {
+    for segment in segments {
+        value = match value {
+            Value::Array(items) => items.get(segment.parse::<usize>().ok()?)?,
+            Value::Object(map) => map.get(segment)?,
+            _ => return None,
+        };
+    }
+    Some(value)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+    use std::sync::OnceLock;
+
+    fn validator() -> &'static SchemaValidator {
+        static V: OnceLock<SchemaValidator> = OnceLock::new();
+        V.get_or_init(|| SchemaValidator::bundled().expect("bundled schema compiles"))
+    }
+
+    #[test]
+    fn knows_all_146_resource_types() {
+        assert_eq!(validator().resource_types().count(), 146);
+        assert!(validator().is_resource_type("Patient"));
+        assert!(!validator().is_resource_type("Patientt"));
+        assert!(validator().has_element("Patient", "identifier"));
+        assert!(!validator().has_element("Patient", "status"));
+    }
+
+    #[test]
+    fn valid_patient_passes() {
+        let p = json!({"resourceType":"Patient","id":"a","name":[{"family":"Doe","given":["J"]}],
+            "extension":[{"url":"http://example.org/x","valueDecimal":1.50}]});
+        validator().validate(&p).expect("valid");
+    }
+
+    #[test]
+    fn errors_point_at_the_element() {
+        let p = json!({"resourceType":"Patient","name":[{"given":[5]}],"gender":"robot","foo":1});
+        let err = validator().validate(&p).expect_err("invalid");
+        assert_eq!(err.status, StatusCode::BAD_REQUEST);
+        let exprs: Vec<&str> = err
+            .issues
+            .iter()
+            .flat_map(|i| i.expression.iter().map(String::as_str))
+            .collect();
+        assert!(exprs.contains(&"Patient.name[0].given[0]"), "{exprs:?}");
+        assert!(exprs.contains(&"Patient.gender"), "{exprs:?}");
+        assert!(exprs.contains(&"Patient.foo"), "{exprs:?}");
+    }
+
+    #[test]
+    fn value_only_problems_are_unprocessable() {
+        let p = json!({"resourceType":"Patient","birthDate":"1990-13-45"});
+        let err = validator().validate(&p).expect_err("invalid");
+        assert_eq!(err.status, StatusCode::UNPROCESSABLE_ENTITY);
+        assert_eq!(err.issues[0].code, "value");
+        assert_eq!(err.issues[0].expression, vec!["Patient.birthDate"]);
+        // The offending value is not echoed back.
+        assert!(!err.issues[0].diagnostics.contains("1990-13-45"));
+    }
+
+    #[test]
+    fn contained_resources_are_explained_with_their_path() {
+        let p = json!({"resourceType":"Observation","status":"final","code":{"text":"x"},
+            "contained":[{"resourceType":"Patient","id":"p","gender":"robot"}]});
+        let err = validator().validate(&p).expect_err("invalid");
+        assert_eq!(
+            err.issues[0].expression,
+            vec!["Observation.contained[0].gender"]
+        );
+    }
+
+    #[test]
+    fn missing_or_unknown_resource_type() {
+        let err = validator().validate(&json!({"id":"x"})).expect_err("no type");
+        assert_eq!(err.issues[0].code, "required");
+        let err = validator()
+            .validate(&json!({"resourceType":"Nope"}))
+            .expect_err("unknown");
+        assert_eq!(err.issues[0].code, "not-supported");
+        let err = validator().validate(&json!([1])).expect_err("array");
+        assert_eq!(err.status, StatusCode::BAD_REQUEST);
+    }
+}

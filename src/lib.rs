@@ -1,0 +1,100 @@
+//! fhirgate: a FHIR R4 gateway for prior authorization.
+//!
+//! The parts, from the wire inwards: [`http`] (routes, middleware, shutdown) serves the
+//! [`server`] FHIR REST facade, which checks resources with [`fhir`] (validation, search
+//! parameters, OperationOutcome) and keeps them in a [`store`] (embedded redb by default).
+//! [`config`] is read once at startup. [`run`] ties them together: it takes an already-bound
+//! listener and a shutdown future, so tests start a real server on `127.0.0.1:0`.
+
+pub mod config;
+pub mod fhir;
+pub mod http;
+pub mod server;
+pub mod store;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+
+use crate::config::{Config, LogConfig, LogFormat};
+use crate::fhir::{SchemaValidator, SearchRegistry};
+use crate::server::FhirApi;
+use crate::store::{EmbeddedStore, Store};
+
+/// Runs the server on `listener` until `shutdown` resolves, then drains in-flight requests and
+/// closes the store cleanly.
+pub async fn run<F>(listener: TcpListener, config: Config, shutdown: F) -> anyhow::Result<()>
+where
+    F: Future<Output = ()> + Send + 'static,
+{
+    let started = std::time::Instant::now();
+    let local = listener.local_addr().context("listener has no address")?;
+    let public_base = match &config.server.public_url {
+        Some(url) => url.trim_end_matches('/').to_owned(),
+        None => format!("http://{local}"),
+    };
+
+    let schema = Arc::new(match &config.fhir.schema_path {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading schema {}", path.display()))?;
+            SchemaValidator::from_json(&text)?
+        }
+        None => SchemaValidator::bundled()?,
+    });
+    let search = Arc::new(SearchRegistry::new(&schema));
+    let store: Arc<dyn Store> = Arc::new(
+        EmbeddedStore::open(&config.store.data_dir, search.clone())
+            .with_context(|| format!("opening the store in {}", config.store.data_dir.display()))?,
+    );
+
+    let fhir = Arc::new(FhirApi::new(
+        store.clone(),
+        schema,
+        search,
+        config.fhir.clone(),
+        &public_base,
+    ));
+    let routes = server::router(fhir).merge(http::ops_router(store.clone()));
+    let app = http::app(routes, &config.server);
+
+    tracing::info!(
+        address = %local,
+        data_dir = %config.store.data_dir.display(),
+        validation = config.fhir.validate,
+        startup_ms = started.elapsed().as_millis() as u64,
+        "fhirgate ready"
+    );
+    let listener = http::CappedListener::new(listener, config.server.max_connections);
+    let served = http::serve(
+        listener,
+        app,
+        shutdown,
+        Duration::from_secs(config.server.shutdown_grace_secs),
+    )
+    .await;
+    store.close().await;
+    tracing::info!("store closed; bye");
+    served.context("serving HTTP")
+}
+
+/// Installs the global `tracing` subscriber (JSON lines by default). Safe to call twice.
+pub fn init_logging(config: &LogConfig) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_new(&config.level).unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match config.format {
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .with_span_list(false)
+            .try_init(),
+        LogFormat::Pretty => builder.try_init(),
+    };
+}

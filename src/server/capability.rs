@@ -1,0 +1,83 @@
+//! `GET /fhir/metadata`: a CapabilityStatement built from what the server implements.
+//!
+//! It is generated from the same tables that drive the handlers (resource types from the schema,
+//! search parameters from the registry), so it lists exactly what works, no more.
+
+use std::sync::Arc;
+
+use axum::extract::{RawQuery, State};
+use axum::response::Response;
+use http::{HeaderMap, StatusCode};
+use serde_json::{json, Value};
+
+use super::response::{check_accept, json_response};
+use super::rest::{format_param, query_pairs};
+use super::FhirApi;
+use crate::fhir::{FhirError, SchemaValidator, SearchRegistry};
+
+pub async fn metadata(
+    State(api): State<Arc<FhirApi>>,
+    RawQuery(raw): RawQuery,
+    headers: HeaderMap,
+) -> Result<Response, FhirError> {
+    let pairs = query_pairs(raw.as_deref())?;
+    check_accept(&headers, format_param(&pairs))?;
+    Ok(json_response(StatusCode::OK, &api.capability))
+}
+
+pub(super) fn capability_statement(
+    schema: &SchemaValidator,
+    search: &SearchRegistry,
+    base_url: &str,
+) -> Value {
+    let resources: Vec<Value> = schema
+        .resource_types()
+        .map(|rt| {
+            let interactions: Vec<Value> = [
+                "read", "vread", "update", "delete", "history-instance", "history-type", "create",
+                "search-type",
+            ]
+            .iter()
+            .map(|code| json!({"code": code}))
+            .collect();
+            let mut params = vec![
+                json!({"name": "_id", "type": "token"}),
+                json!({"name": "_lastUpdated", "type": "date"}),
+            ];
+            params.extend(
+                search
+                    .params(rt)
+                    .iter()
+                    .map(|p| json!({"name": p.name, "type": p.kind.as_str()})),
+            );
+            json!({
+                "type": rt,
+                "interaction": interactions,
+                "versioning": "versioned-update",
+                "readHistory": true,
+                "updateCreate": true,
+                "conditionalCreate": true,
+                "conditionalRead": "not-supported",
+                "conditionalUpdate": true,
+                "conditionalDelete": "not-supported",
+                "searchParam": params,
+            })
+        })
+        .collect();
+    json!({
+        "resourceType": "CapabilityStatement",
+        "status": "active",
+        "date": "2026-11-25",
+        "publisher": "fhirgate",
+        "kind": "instance",
+        "software": {"name": "fhirgate", "version": env!("CARGO_PKG_VERSION")},
+        "implementation": {"description": "fhirgate embedded FHIR R4 store", "url": base_url},
+        "fhirVersion": "4.0.1",
+        "format": ["application/fhir+json", "json"],
+        "rest": [{
+            "mode": "server",
+            "resource": resources,
+            "interaction": [{"code": "transaction"}, {"code": "batch"}],
+        }],
+    })
+}

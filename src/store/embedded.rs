@@ -1,0 +1,916 @@
+//! The embedded store on redb: ACID, crash-safe, one file under the data folder.
+//!
+//! Reads open their own MVCC read transaction and never wait for writers. Writes go to a single
+//! writer thread that groups whatever requests are waiting into one redb transaction and one
+//! fsync ("group commit"), then answers each request; nothing is acknowledged before its commit
+//! is durable. Conditional writes evaluate their search inside that write transaction, so two
+//! concurrent conditional creates cannot both create.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use serde_json::Value;
+use tokio::sync::{mpsc, oneshot};
+
+use super::record;
+use super::{
+    Action, ChangeKind, Mutation, Outcome, Page, ResourceVersion, SearchPage, Store, StoreError,
+    WriteResult,
+};
+use crate::fhir::date::{format_instant, now_micros};
+use crate::fhir::search::{ClauseKind, Probe, SearchQuery, Sort};
+use crate::fhir::{new_id, rewrite_references, stamp, FhirError, SearchRegistry};
+
+/// `Type/id` → current version record.
+const CURRENT: TableDefinition<&str, &[u8]> = TableDefinition::new("current");
+/// (`Type/id`, version) → version record.
+const HISTORY: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("history");
+/// (`Type`, sequence) → (`id`, version): every change of a type, in order.
+const CHANGES: TableDefinition<(&str, u64), (&str, u64)> = TableDefinition::new("changes");
+/// `Type␟param␟key␟id` → (): token and reference search index.
+const INDEX: TableDefinition<&str, ()> = TableDefinition::new("search_index");
+/// `Type/id` → the index keys of its current version, newline-separated.
+const INDEX_KEYS: TableDefinition<&str, &str> = TableDefinition::new("index_keys");
+/// Counters that must survive restarts: the change sequence and the last timestamp issued.
+const COUNTERS: TableDefinition<&str, u64> = TableDefinition::new("counters");
+
+/// Most write requests folded into one commit.
+const MAX_GROUP: usize = 256;
+
+fn backend<E: std::fmt::Display>(e: E) -> StoreError {
+    StoreError::Backend(e.to_string())
+}
+
+/// The embedded redb-backed store.
+pub struct EmbeddedStore {
+    db: Arc<Database>,
+    registry: Arc<SearchRegistry>,
+    jobs: mpsc::UnboundedSender<Message>,
+    writer: Mutex<Option<std::thread::JoinHandle<()>>>,
+    ready: AtomicBool,
+}
+
+enum Message {
+    Write(WriteJob),
+    Shutdown,
+}
+
+struct WriteJob {
+    mutations: Vec<Mutation>,
+    atomic: bool,
+    reply: oneshot::Sender<Result<WriteResult, StoreError>>,
+}
+
+impl EmbeddedStore {
+    /// Opens (or creates) `fhirgate.redb` under `data_dir`. After an unclean shutdown redb
+    /// repairs the file on open; committed transactions survive.
+    pub fn open(data_dir: &Path, registry: Arc<SearchRegistry>) -> Result<Self, StoreError> {
+        std::fs::create_dir_all(data_dir).map_err(backend)?;
+        let db = Arc::new(Database::create(data_dir.join("fhirgate.redb")).map_err(backend)?);
+        {
+            // Create every table up front so read transactions never find one missing.
+            let txn = db.begin_write().map_err(backend)?;
+            txn.open_table(CURRENT).map_err(backend)?;
+            txn.open_table(HISTORY).map_err(backend)?;
+            txn.open_table(CHANGES).map_err(backend)?;
+            txn.open_table(INDEX).map_err(backend)?;
+            txn.open_table(INDEX_KEYS).map_err(backend)?;
+            txn.open_table(COUNTERS).map_err(backend)?;
+            txn.commit().map_err(backend)?;
+        }
+        let (jobs, rx) = mpsc::unbounded_channel();
+        let writer = Writer {
+            db: db.clone(),
+            registry: registry.clone(),
+        };
+        let handle = std::thread::Builder::new()
+            .name("fhirgate-store-writer".into())
+            .spawn(move || writer.run(rx))
+            .map_err(backend)?;
+        Ok(Self {
+            db,
+            registry,
+            jobs,
+            writer: Mutex::new(Some(handle)),
+            ready: AtomicBool::new(true),
+        })
+    }
+
+    pub fn registry(&self) -> &Arc<SearchRegistry> {
+        &self.registry
+    }
+
+    fn ensure_open(&self) -> Result<(), StoreError> {
+        if self.ready.load(Ordering::Acquire) {
+            Ok(())
+        } else {
+            Err(StoreError::Closed)
+        }
+    }
+
+    async fn blocking<T, F>(&self, op: &'static str, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Database) -> Result<T, StoreError> + Send + 'static,
+    {
+        self.ensure_open()?;
+        let db = self.db.clone();
+        let started = Instant::now();
+        let result = tokio::task::spawn_blocking(move || f(&db))
+            .await
+            .map_err(backend)?;
+        observe(op, started);
+        result
+    }
+}
+
+fn observe(op: &'static str, started: Instant) {
+    metrics::counter!("fhirgate_store_operations_total", "op" => op).increment(1);
+    metrics::histogram!("fhirgate_store_operation_duration_seconds", "op" => op)
+        .record(started.elapsed().as_secs_f64());
+}
+
+fn resource_key(resource_type: &str, id: &str) -> String {
+    format!("{resource_type}/{id}")
+}
+
+#[async_trait::async_trait]
+impl Store for EmbeddedStore {
+    async fn read(&self, resource_type: &str, id: &str) -> Result<Option<ResourceVersion>, StoreError> {
+        self.ensure_open()?;
+        let started = Instant::now();
+        let txn = self.db.begin_read().map_err(backend)?;
+        let table = txn.open_table(CURRENT).map_err(backend)?;
+        let found = table
+            .get(resource_key(resource_type, id).as_str())
+            .map_err(backend)?
+            .map(|guard| record::decode(resource_type, id, guard.value()))
+            .transpose();
+        observe("read", started);
+        found
+    }
+
+    async fn vread(
+        &self,
+        resource_type: &str,
+        id: &str,
+        version: u64,
+    ) -> Result<Option<ResourceVersion>, StoreError> {
+        self.ensure_open()?;
+        let started = Instant::now();
+        let txn = self.db.begin_read().map_err(backend)?;
+        let table = txn.open_table(HISTORY).map_err(backend)?;
+        let key = resource_key(resource_type, id);
+        let found = table
+            .get((key.as_str(), version))
+            .map_err(backend)?
+            .map(|guard| record::decode(resource_type, id, guard.value()))
+            .transpose();
+        observe("vread", started);
+        found
+    }
+
+    async fn history(
+        &self,
+        resource_type: &str,
+        id: Option<&str>,
+        since: Option<i64>,
+        page: Page,
+    ) -> Result<SearchPage, StoreError> {
+        let resource_type = resource_type.to_owned();
+        let id = id.map(str::to_owned);
+        self.blocking("history", move |db| {
+            let txn = db.begin_read().map_err(backend)?;
+            let history = txn.open_table(HISTORY).map_err(backend)?;
+            // (id, version) pairs, newest first.
+            let mut versions: Vec<(String, u64)> = Vec::new();
+            match &id {
+                Some(id) => {
+                    let key = resource_key(&resource_type, id);
+                    for item in history
+                        .range((key.as_str(), 0)..=(key.as_str(), u64::MAX))
+                        .map_err(backend)?
+                        .rev()
+                    {
+                        let (k, _) = item.map_err(backend)?;
+                        versions.push((id.clone(), k.value().1));
+                    }
+                }
+                None => {
+                    let changes = txn.open_table(CHANGES).map_err(backend)?;
+                    for item in changes
+                        .range((resource_type.as_str(), 0)..=(resource_type.as_str(), u64::MAX))
+                        .map_err(backend)?
+                        .rev()
+                    {
+                        let (_, v) = item.map_err(backend)?;
+                        let (id, version) = v.value();
+                        versions.push((id.to_owned(), version));
+                    }
+                }
+            }
+            let mut entries = Vec::new();
+            let mut total = 0;
+            for (id, version) in versions {
+                let key = resource_key(&resource_type, &id);
+                let Some(guard) = history.get((key.as_str(), version)).map_err(backend)? else {
+                    continue;
+                };
+                let bytes = guard.value();
+                if let Some(since) = since {
+                    if record::header(bytes)?.last_updated < since {
+                        continue;
+                    }
+                }
+                if total >= page.offset && entries.len() < page.count {
+                    entries.push(record::decode(&resource_type, &id, bytes)?);
+                }
+                total += 1;
+            }
+            Ok(SearchPage { total, entries })
+        })
+        .await
+    }
+
+    async fn search(
+        &self,
+        resource_type: &str,
+        query: &SearchQuery,
+        page: Page,
+    ) -> Result<SearchPage, StoreError> {
+        let resource_type = resource_type.to_owned();
+        let query = query.clone();
+        self.blocking("search", move |db| {
+            let txn = db.begin_read().map_err(backend)?;
+            let current = txn.open_table(CURRENT).map_err(backend)?;
+            let index = txn.open_table(INDEX).map_err(backend)?;
+            let mut matches = find_matches(&current, &index, &resource_type, &query)?;
+            sort_matches(&mut matches, query.sort);
+            let total = matches.len();
+            let mut entries = Vec::new();
+            for m in matches.iter().skip(page.offset).take(page.count) {
+                let key = resource_key(&resource_type, &m.id);
+                if let Some(guard) = current.get(key.as_str()).map_err(backend)? {
+                    entries.push(record::decode(&resource_type, &m.id, guard.value())?);
+                }
+            }
+            Ok(SearchPage { total, entries })
+        })
+        .await
+    }
+
+    async fn write(&self, mutations: Vec<Mutation>, atomic: bool) -> Result<WriteResult, StoreError> {
+        self.ensure_open()?;
+        let started = Instant::now();
+        let (reply, answer) = oneshot::channel();
+        self.jobs
+            .send(Message::Write(WriteJob {
+                mutations,
+                atomic,
+                reply,
+            }))
+            .map_err(|_| StoreError::Closed)?;
+        let result = answer.await.map_err(|_| StoreError::Closed)?;
+        observe("write", started);
+        result
+    }
+
+    fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire)
+    }
+
+    async fn close(&self) {
+        if !self.ready.swap(false, Ordering::AcqRel) {
+            return;
+        }
+        // The writer finishes every job queued before this message, then exits.
+        let _ = self.jobs.send(Message::Shutdown);
+        let handle = self.writer.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(handle) = handle {
+            let _ = tokio::task::spawn_blocking(move || handle.join()).await;
+        }
+    }
+}
+
+impl Drop for EmbeddedStore {
+    fn drop(&mut self) {
+        let _ = self.jobs.send(Message::Shutdown);
+        if let Some(handle) = self.writer.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            let _ = handle.join();
+        }
+    }
+}
+
+/// A search hit before paging.
+struct Match {
+    id: String,
+    last_updated: i64,
+}
+
+/// Finds the current, non-deleted resources of `resource_type` matching `query`, using the
+/// index where a clause allows and checking the rest against each candidate. Works on read and
+/// write transactions alike.
+fn find_matches<C, I>(
+    current: &C,
+    index: &I,
+    resource_type: &str,
+    query: &SearchQuery,
+) -> Result<Vec<Match>, StoreError>
+where
+    C: ReadableTable<&'static str, &'static [u8]>,
+    I: ReadableTable<&'static str, ()>,
+{
+    let mut candidates: Option<BTreeSet<String>> = None;
+    let mut residual = Vec::new();
+    for clause in &query.clauses {
+        let ids: BTreeSet<String> = match (&clause.kind, clause.probes()) {
+            (ClauseKind::Id(ids), _) => ids.iter().cloned().collect(),
+            (_, Some(probes)) => {
+                let mut ids = BTreeSet::new();
+                for probe in probes {
+                    probe_index(index, resource_type, &probe, &mut ids)?;
+                }
+                ids
+            }
+            (_, None) => {
+                residual.push(clause);
+                continue;
+            }
+        };
+        candidates = Some(match candidates {
+            None => ids,
+            Some(previous) => previous.intersection(&ids).cloned().collect(),
+        });
+    }
+    let needs_body = residual.iter().any(|c| c.needs_body());
+    let mut matches = Vec::new();
+    let mut consider = |id: &str, bytes: &[u8]| -> Result<(), StoreError> {
+        let header = record::header(bytes)?;
+        if header.change == ChangeKind::Delete {
+            return Ok(());
+        }
+        let body: Option<Value> = if needs_body {
+            Some(
+                serde_json::from_slice(record::body(bytes))
+                    .map_err(|e| StoreError::Corrupt(e.to_string()))?,
+            )
+        } else {
+            None
+        };
+        if residual
+            .iter()
+            .all(|c| c.matches(body.as_ref(), id, header.last_updated))
+        {
+            matches.push(Match {
+                id: id.to_owned(),
+                last_updated: header.last_updated,
+            });
+        }
+        Ok(())
+    };
+    match candidates {
+        Some(ids) => {
+            for id in ids {
+                let key = resource_key(resource_type, &id);
+                if let Some(guard) = current.get(key.as_str()).map_err(backend)? {
+                    consider(&id, guard.value())?;
+                }
+            }
+        }
+        None => {
+            let start = format!("{resource_type}/");
+            let end = format!("{resource_type}0");
+            for item in current.range(start.as_str()..end.as_str()).map_err(backend)? {
+                let (k, v) = item.map_err(backend)?;
+                let id = &k.value()[start.len()..];
+                consider(id, v.value())?;
+            }
+        }
+    }
+    Ok(matches)
+}
+
+fn probe_index<I>(index: &I, resource_type: &str, probe: &Probe, ids: &mut BTreeSet<String>) -> Result<(), StoreError>
+where
+    I: ReadableTable<&'static str, ()>,
+{
+    let prefix = match probe {
+        Probe::Exact(key) => format!("{resource_type}\u{1f}{key}\u{1f}"),
+        Probe::Prefix(key) => format!("{resource_type}\u{1f}{key}"),
+    };
+    let mut end = prefix.clone();
+    end.push('\u{10FFFF}');
+    for item in index.range(prefix.as_str()..end.as_str()).map_err(backend)? {
+        let (k, _) = item.map_err(backend)?;
+        if let Some((_, id)) = k.value().rsplit_once('\u{1f}') {
+            ids.insert(id.to_owned());
+        }
+    }
+    Ok(())
+}
+
+fn sort_matches(matches: &mut [Match], sort: Option<Sort>) {
+    match sort {
+        None | Some(Sort::Id { descending: false }) => {}
+        Some(Sort::Id { descending: true }) => matches.reverse(),
+        Some(Sort::LastUpdated { descending }) => {
+            matches.sort_by(|a, b| a.last_updated.cmp(&b.last_updated).then_with(|| a.id.cmp(&b.id)));
+            if descending {
+                matches.reverse();
+            }
+        }
+    }
+}
+
+/// The writer thread's state.
+struct Writer {
+    db: Arc<Database>,
+    registry: Arc<SearchRegistry>,
+}
+
+/// The tables of one write transaction.
+struct Tables<'txn> {
+    current: redb::Table<'txn, &'static str, &'static [u8]>,
+    history: redb::Table<'txn, (&'static str, u64), &'static [u8]>,
+    changes: redb::Table<'txn, (&'static str, u64), (&'static str, u64)>,
+    index: redb::Table<'txn, &'static str, ()>,
+    index_keys: redb::Table<'txn, &'static str, &'static str>,
+}
+
+/// Monotonic clock and change sequence, persisted with each commit.
+struct Counters {
+    seq: u64,
+    clock: i64,
+}
+
+impl Counters {
+    /// A timestamp strictly after every one issued before, even if the wall clock steps back.
+    fn tick(&mut self) -> i64 {
+        self.clock = now_micros().max(self.clock + 1);
+        self.clock
+    }
+}
+
+/// A mutation after its preconditions were checked, before anything is written.
+enum Planned {
+    Write {
+        resource_type: String,
+        id: String,
+        resource: Value,
+        previous: u64,
+        change: ChangeKind,
+        existing: bool,
+    },
+    Delete {
+        resource_type: String,
+        id: String,
+        previous: u64,
+    },
+    Existing(ResourceVersion),
+    NothingToDelete,
+}
+
+impl Writer {
+    fn run(self, mut rx: mpsc::UnboundedReceiver<Message>) {
+        while let Some(message) = rx.blocking_recv() {
+            let Message::Write(first) = message else {
+                break;
+            };
+            let mut jobs = vec![first];
+            let mut stop = false;
+            while jobs.len() < MAX_GROUP {
+                match rx.try_recv() {
+                    Ok(Message::Write(job)) => jobs.push(job),
+                    Ok(Message::Shutdown) => {
+                        stop = true;
+                        break;
+                    }
+                    Err(_) => break,
+                }
+            }
+            let results = self.commit_group(&mut jobs);
+            metrics::histogram!("fhirgate_store_group_commit_size").record(jobs.len() as f64);
+            match results {
+                Ok(results) => {
+                    for (job, result) in jobs.into_iter().zip(results) {
+                        let _ = job.reply.send(Ok(result));
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "store commit failed; no write of the group was acknowledged");
+                    for job in jobs {
+                        let _ = job.reply.send(Err(StoreError::Backend(e.to_string())));
+                    }
+                }
+            }
+            if stop {
+                break;
+            }
+        }
+    }
+
+    /// Runs every job in one write transaction and commits it durably.
+    fn commit_group(&self, jobs: &mut [WriteJob]) -> Result<Vec<WriteResult>, StoreError> {
+        let txn = self.db.begin_write().map_err(backend)?;
+        let results = {
+            let mut counters_table = txn.open_table(COUNTERS).map_err(backend)?;
+            let mut counters = Counters {
+                seq: counters_table.get("seq").map_err(backend)?.map_or(0, |g| g.value()),
+                clock: counters_table
+                    .get("clock")
+                    .map_err(backend)?
+                    .map_or(0, |g| g.value() as i64),
+            };
+            let mut tables = Tables {
+                current: txn.open_table(CURRENT).map_err(backend)?,
+                history: txn.open_table(HISTORY).map_err(backend)?,
+                changes: txn.open_table(CHANGES).map_err(backend)?,
+                index: txn.open_table(INDEX).map_err(backend)?,
+                index_keys: txn.open_table(INDEX_KEYS).map_err(backend)?,
+            };
+            let mut results = Vec::with_capacity(jobs.len());
+            for job in jobs.iter_mut() {
+                let mutations = std::mem::take(&mut job.mutations);
+                let result = if job.atomic {
+                    self.apply_atomic(&mut tables, &mut counters, mutations)?
+                } else {
+                    let mut each = Vec::with_capacity(mutations.len());
+                    for mutation in mutations {
+                        each.push(match self.apply_atomic(&mut tables, &mut counters, vec![mutation])? {
+                            WriteResult::Committed(mut outcomes) => outcomes
+                                .pop()
+                                .ok_or_else(|| FhirError::internal("write produced no outcome")),
+                            WriteResult::Aborted { error, .. } => Err(error),
+                            WriteResult::Each(_) => Err(FhirError::internal("unexpected write result")),
+                        });
+                    }
+                    WriteResult::Each(each)
+                };
+                results.push(result);
+            }
+            counters_table.insert("seq", counters.seq).map_err(backend)?;
+            counters_table
+                .insert("clock", counters.clock as u64)
+                .map_err(backend)?;
+            results
+        };
+        txn.commit().map_err(backend)?;
+        Ok(results)
+    }
+
+    /// Plans, resolves references and applies `mutations` all-or-nothing. `Err` only for
+    /// storage failures; FHIR rule violations come back as [`WriteResult::Aborted`].
+    fn apply_atomic(
+        &self,
+        tables: &mut Tables<'_>,
+        counters: &mut Counters,
+        mutations: Vec<Mutation>,
+    ) -> Result<WriteResult, StoreError> {
+        let mut planned = Vec::with_capacity(mutations.len());
+        let mut aliases: HashMap<String, String> = HashMap::new();
+        let mut targets: HashSet<String> = HashSet::new();
+        for (index, mutation) in mutations.into_iter().enumerate() {
+            let full_url = mutation.full_url.clone();
+            let plan = match self.plan(tables, mutation)? {
+                Ok(plan) => plan,
+                Err(error) => return Ok(WriteResult::Aborted { index, error }),
+            };
+            let target = match &plan {
+                Planned::Write { resource_type, id, .. } | Planned::Delete { resource_type, id, .. } => {
+                    Some(resource_key(resource_type, id))
+                }
+                Planned::Existing(rv) => Some(resource_key(&rv.resource_type, &rv.id)),
+                Planned::NothingToDelete => None,
+            };
+            if let Some(target) = &target {
+                if !matches!(plan, Planned::Existing(_)) && !targets.insert(target.clone()) {
+                    return Ok(WriteResult::Aborted {
+                        index,
+                        error: FhirError::bad_request(
+                            "duplicate",
+                            format!("{target} is changed by more than one entry of the transaction"),
+                        ),
+                    });
+                }
+                if let Some(url) = full_url {
+                    aliases.insert(url, target.clone());
+                }
+            }
+            planned.push(plan);
+        }
+
+        // Point references at the final ids: fullUrl aliases, then conditional references.
+        for (index, plan) in planned.iter_mut().enumerate() {
+            let Planned::Write { resource, .. } = plan else {
+                continue;
+            };
+            let mut failure = None;
+            rewrite_references(resource, &mut |reference| {
+                if let Some(target) = aliases.get(reference) {
+                    return Some(target.clone());
+                }
+                if failure.is_some() || !is_conditional_reference(reference) {
+                    return None;
+                }
+                match self.resolve_conditional_reference(tables, reference) {
+                    Ok(Ok(target)) => Some(target),
+                    Ok(Err(e)) => {
+                        failure = Some(Ok(e));
+                        None
+                    }
+                    Err(e) => {
+                        failure = Some(Err(e));
+                        None
+                    }
+                }
+            });
+            match failure {
+                Some(Ok(error)) => return Ok(WriteResult::Aborted { index, error }),
+                Some(Err(storage)) => return Err(storage),
+                None => {}
+            }
+        }
+
+        let at = counters.tick();
+        let mut outcomes = Vec::with_capacity(planned.len());
+        for plan in planned {
+            outcomes.push(match plan {
+                Planned::Existing(rv) => Outcome::Existing(rv),
+                Planned::NothingToDelete => Outcome::Deleted(None),
+                Planned::Write {
+                    resource_type,
+                    id,
+                    mut resource,
+                    previous,
+                    change,
+                    existing,
+                } => {
+                    let version = previous + 1;
+                    stamp(&mut resource, &id, version, &format_instant(at));
+                    let body = serde_json::to_vec(&resource).map_err(backend)?;
+                    let keys = self.registry.index_keys(&resource_type, &resource);
+                    let rv = self.put_version(tables, counters, &resource_type, &id, version, at, change, body, &keys)?;
+                    if existing {
+                        Outcome::Updated(rv)
+                    } else {
+                        Outcome::Created(rv)
+                    }
+                }
+                Planned::Delete {
+                    resource_type,
+                    id,
+                    previous,
+                } => {
+                    let rv = self.put_version(
+                        tables,
+                        counters,
+                        &resource_type,
+                        &id,
+                        previous + 1,
+                        at,
+                        ChangeKind::Delete,
+                        Vec::new(),
+                        &[],
+                    )?;
+                    Outcome::Deleted(Some(rv))
+                }
+            });
+        }
+        Ok(WriteResult::Committed(outcomes))
+    }
+
+    /// Checks one mutation's preconditions against the current state.
+    fn plan(&self, tables: &Tables<'_>, mutation: Mutation) -> Result<Result<Planned, FhirError>, StoreError> {
+        let Mutation {
+            resource_type,
+            action,
+            ..
+        } = mutation;
+        let current = |id: &str| -> Result<Option<ResourceVersion>, StoreError> {
+            tables
+                .current
+                .get(resource_key(&resource_type, id).as_str())
+                .map_err(backend)?
+                .map(|g| record::decode(&resource_type, id, g.value()))
+                .transpose()
+        };
+        let live = |rv: &Option<ResourceVersion>| rv.as_ref().is_some_and(|r| !r.is_deleted());
+        Ok(match action {
+            Action::Create {
+                id,
+                resource,
+                if_none_exist,
+            } => {
+                if let Some(query) = if_none_exist {
+                    let found = find_matches(&tables.current, &tables.index, &resource_type, &query)?;
+                    match found.as_slice() {
+                        [] => {}
+                        [one] => {
+                            return Ok(match current(&one.id)? {
+                                Some(rv) => Ok(Planned::Existing(rv)),
+                                None => Err(FhirError::internal("index points at a missing resource")),
+                            })
+                        }
+                        many => {
+                            return Ok(Err(FhirError::precondition_failed(format!(
+                                "If-None-Exist matched {} {resource_type} resources",
+                                many.len()
+                            ))))
+                        }
+                    }
+                }
+                let id = id.unwrap_or_else(new_id);
+                let existing = current(&id)?;
+                if live(&existing) {
+                    return Ok(Err(FhirError::conflict(format!("{resource_type}/{id} already exists"))));
+                }
+                Ok(Planned::Write {
+                    previous: existing.map_or(0, |r| r.version),
+                    resource_type,
+                    id,
+                    resource,
+                    change: ChangeKind::Create,
+                    existing: false,
+                })
+            }
+            Action::Update { id, resource, if_match } => {
+                let existing = current(&id)?;
+                if let Some(expected) = if_match {
+                    let actual = existing.as_ref().filter(|r| !r.is_deleted()).map(|r| r.version);
+                    if actual != Some(expected) {
+                        return Ok(Err(version_mismatch(&resource_type, &id, expected, actual)));
+                    }
+                }
+                let is_live = live(&existing);
+                Ok(Planned::Write {
+                    previous: existing.map_or(0, |r| r.version),
+                    resource_type,
+                    id,
+                    resource,
+                    change: if is_live { ChangeKind::Update } else { ChangeKind::Create },
+                    existing: is_live,
+                })
+            }
+            Action::ConditionalUpdate { query, resource } => {
+                let found = find_matches(&tables.current, &tables.index, &resource_type, &query)?;
+                let body_id = resource.get("id").and_then(Value::as_str).map(str::to_owned);
+                let id = match found.as_slice() {
+                    [] => body_id.unwrap_or_else(new_id),
+                    [one] => {
+                        if body_id.as_deref().is_some_and(|b| b != one.id) {
+                            return Ok(Err(FhirError::bad_request(
+                                "invalid",
+                                format!(
+                                    "the resource id does not match the {resource_type} the condition selects"
+                                ),
+                            )
+                            .at(format!("{resource_type}.id"))));
+                        }
+                        one.id.clone()
+                    }
+                    many => {
+                        return Ok(Err(FhirError::precondition_failed(format!(
+                            "the condition matched {} {resource_type} resources",
+                            many.len()
+                        ))))
+                    }
+                };
+                let existing = current(&id)?;
+                let is_live = live(&existing);
+                Ok(Planned::Write {
+                    previous: existing.map_or(0, |r| r.version),
+                    resource_type,
+                    id,
+                    resource,
+                    change: if is_live { ChangeKind::Update } else { ChangeKind::Create },
+                    existing: is_live,
+                })
+            }
+            Action::Delete { id, if_match } => {
+                let existing = current(&id)?;
+                if let Some(expected) = if_match {
+                    let actual = existing.as_ref().filter(|r| !r.is_deleted()).map(|r| r.version);
+                    if actual != Some(expected) {
+                        return Ok(Err(version_mismatch(&resource_type, &id, expected, actual)));
+                    }
+                }
+                match existing {
+                    Some(rv) if !rv.is_deleted() => Ok(Planned::Delete {
+                        resource_type,
+                        id,
+                        previous: rv.version,
+                    }),
+                    _ => Ok(Planned::NothingToDelete),
+                }
+            }
+        })
+    }
+
+    /// `Patient?identifier=sys|val` → `Patient/{id}` of the single match.
+    fn resolve_conditional_reference(
+        &self,
+        tables: &Tables<'_>,
+        reference: &str,
+    ) -> Result<Result<String, FhirError>, StoreError> {
+        let Some((resource_type, query_string)) = reference.split_once('?') else {
+            return Ok(Err(FhirError::bad_request("invalid", "not a conditional reference")));
+        };
+        let pairs: Vec<(String, String)> = match serde_urlencoded::from_str(query_string) {
+            Ok(pairs) => pairs,
+            Err(e) => {
+                return Ok(Err(FhirError::bad_request(
+                    "invalid",
+                    format!("conditional reference '{reference}': {e}"),
+                )))
+            }
+        };
+        let query = match self.registry.parse_query(resource_type, &pairs, true) {
+            Ok(q) => q,
+            Err(e) => return Ok(Err(e)),
+        };
+        let found = find_matches(&tables.current, &tables.index, resource_type, &query)?;
+        Ok(match found.as_slice() {
+            [one] => Ok(resource_key(resource_type, &one.id)),
+            found => Err(FhirError::precondition_failed(format!(
+                "conditional reference '{reference}' matched {} resources; exactly one is required",
+                found.len()
+            ))),
+        })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn put_version(
+        &self,
+        tables: &mut Tables<'_>,
+        counters: &mut Counters,
+        resource_type: &str,
+        id: &str,
+        version: u64,
+        at: i64,
+        change: ChangeKind,
+        body: Vec<u8>,
+        keys: &[String],
+    ) -> Result<ResourceVersion, StoreError> {
+        let key = resource_key(resource_type, id);
+        let bytes = record::encode(change, version, at, &body);
+        tables.current.insert(key.as_str(), bytes.as_slice()).map_err(backend)?;
+        tables
+            .history
+            .insert((key.as_str(), version), bytes.as_slice())
+            .map_err(backend)?;
+        counters.seq += 1;
+        tables
+            .changes
+            .insert((resource_type, counters.seq), (id, version))
+            .map_err(backend)?;
+
+        let old_keys = tables
+            .index_keys
+            .remove(key.as_str())
+            .map_err(backend)?
+            .map(|g| g.value().to_owned());
+        if let Some(old) = old_keys {
+            for k in old.lines() {
+                let full = format!("{resource_type}\u{1f}{k}\u{1f}{id}");
+                tables.index.remove(full.as_str()).map_err(backend)?;
+            }
+        }
+        if !keys.is_empty() {
+            for k in keys {
+                let full = format!("{resource_type}\u{1f}{k}\u{1f}{id}");
+                tables.index.insert(full.as_str(), ()).map_err(backend)?;
+            }
+            let joined = keys.join("\n");
+            tables
+                .index_keys
+                .insert(key.as_str(), joined.as_str())
+                .map_err(backend)?;
+        }
+        Ok(ResourceVersion {
+            resource_type: resource_type.to_owned(),
+            id: id.to_owned(),
+            version,
+            last_updated: at,
+            change,
+            body: body.into(),
+        })
+    }
+}
+
+fn is_conditional_reference(reference: &str) -> bool {
+    reference.contains('?')
+        && !reference.starts_with("http://")
+        && !reference.starts_with("https://")
+        && !reference.starts_with("urn:")
+}
+
+fn version_mismatch(resource_type: &str, id: &str, expected: u64, actual: Option<u64>) -> FhirError {
+    let actual = actual.map_or("none (the resource does not exist)".to_string(), |v| v.to_string());
+    FhirError::precondition_failed(format!(
+        "If-Match expected version {expected} of {resource_type}/{id}, current version is {actual}"
+    ))
+}
