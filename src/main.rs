@@ -6,7 +6,11 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "fhirgate", version, about = "FHIR R4 gateway for prior authorization")]
+#[command(
+    name = "fhirgate",
+    version,
+    about = "FHIR R4 gateway for prior authorization"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -211,7 +211,9 @@ impl Config {
             match key.as_str() {
                 "server__bind" => self.server.bind = parse(&value).map_err(bad)?,
                 "server__public_url" => self.server.public_url = Some(value.clone()),
-                "server__max_body_bytes" => self.server.max_body_bytes = parse(&value).map_err(bad)?,
+                "server__max_body_bytes" => {
+                    self.server.max_body_bytes = parse(&value).map_err(bad)?
+                }
                 "server__request_timeout_secs" => {
                     self.server.request_timeout_secs = parse(&value).map_err(bad)?
                 }
@@ -233,7 +235,9 @@ impl Config {
                     self.log.format = match value.as_str() {
                         "json" => LogFormat::Json,
                         "pretty" => LogFormat::Pretty,
-                        other => return Err(bad(format!("expected json or pretty, got {other:?}"))),
+                        other => {
+                            return Err(bad(format!("expected json or pretty, got {other:?}")))
+                        }
                     }
                 }
                 // The config file path itself is read by the CLI, not here.
@@ -282,7 +286,10 @@ mod tests {
         assert_eq!(config.server.max_body_bytes, 10);
         config
             .apply_env([
-                ("FHIRGATE_SERVER__BIND".to_string(), "127.0.0.1:1".to_string()),
+                (
+                    "FHIRGATE_SERVER__BIND".to_string(),
+                    "127.0.0.1:1".to_string(),
+                ),
                 ("PATH".to_string(), "/bin".to_string()),
             ])
             .expect("valid env");
@@ -298,7 +305,10 @@ mod tests {
             .expect_err("typo must be reported");
         assert!(err.to_string().contains("FHIRGATE_SERVER__BINDD"));
         let err = config
-            .apply_env([("FHIRGATE_SERVER__MAX_CONNECTIONS".to_string(), "many".to_string())])
+            .apply_env([(
+                "FHIRGATE_SERVER__MAX_CONNECTIONS".to_string(),
+                "many".to_string(),
+            )])
             .expect_err("not a number");
         assert!(err.to_string().contains("invalid value"));
     }

@@ -65,7 +65,8 @@ pub fn parse_range(text: &str) -> Option<DateRange> {
                 (start, next)
             }
             (Some(m), Some(d)) => {
-                let start = Date::from_calendar_date(year, month_of(m)?, u8::try_from(d).ok()?).ok()?;
+                let start =
+                    Date::from_calendar_date(year, month_of(m)?, u8::try_from(d).ok()?).ok()?;
                 (start, start.next_day()?)
             }
             (None, Some(_)) => return None,
@@ -76,8 +77,7 @@ pub fn parse_range(text: &str) -> Option<DateRange> {
         });
     };
 
-    let date =
-        Date::from_calendar_date(year, month_of(month?)?, u8::try_from(day?).ok()?).ok()?;
+    let date = Date::from_calendar_date(year, month_of(month?)?, u8::try_from(day?).ok()?).ok()?;
     // Split the zone off the clock time.
     let (clock, offset) = if let Some(c) = time_part.strip_suffix('Z') {
         (c, UtcOffset::UTC)
@@ -197,7 +197,10 @@ mod tests {
         assert_eq!(dec.end - dec.start, 31 * DAY);
         let d = parse_range("2021-02-03").expect("day");
         assert_eq!(d.end - d.start, DAY);
-        assert_eq!(d.start, parse_range("2021-02-03T00:00:00Z").expect("dt").start);
+        assert_eq!(
+            d.start,
+            parse_range("2021-02-03T00:00:00Z").expect("dt").start
+        );
     }
 
     #[test]
@@ -214,7 +217,16 @@ mod tests {
 
     #[test]
     fn rejects_malformed() {
-        for bad in ["", "20", "2020-13", "2020-02-30", "2020-1-01", "x2020", "2020-01-01T25:00Z", "2020-01-01T10:00:00+2"] {
+        for bad in [
+            "",
+            "20",
+            "2020-13",
+            "2020-02-30",
+            "2020-1-01",
+            "x2020",
+            "2020-01-01T25:00Z",
+            "2020-01-01T10:00:00+2",
+        ] {
             assert!(parse_range(bad).is_none(), "{bad}");
         }
     }

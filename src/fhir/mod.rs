@@ -137,7 +137,10 @@ mod tests {
     #[test]
     fn rewrites_nested_references() {
         let mut r = json!({"subject":{"reference":"urn:uuid:1"},"x":[{"actor":{"reference":"urn:uuid:2"}}]});
-        rewrite_references(&mut r, &mut |s| s.strip_prefix("urn:uuid:").map(|id| format!("Patient/{id}")));
+        rewrite_references(&mut r, &mut |s| {
+            s.strip_prefix("urn:uuid:")
+                .map(|id| format!("Patient/{id}"))
+        });
         assert_eq!(r["subject"]["reference"], "Patient/1");
         assert_eq!(r["x"][0]["actor"]["reference"], "Patient/2");
     }

@@ -123,7 +123,10 @@ impl FhirError {
     }
 
     pub fn not_found(diagnostics: impl Into<String>) -> Self {
-        Self::new(StatusCode::NOT_FOUND, Issue::error("not-found", diagnostics))
+        Self::new(
+            StatusCode::NOT_FOUND,
+            Issue::error("not-found", diagnostics),
+        )
     }
 
     pub fn gone(diagnostics: impl Into<String>) -> Self {

@@ -46,12 +46,38 @@ pub struct ParamDef {
 
 /// Types whose `patient` parameter follows `subject`.
 const PATIENT_VIA_SUBJECT: &[&str] = &[
-    "Account", "AdverseEvent", "Basic", "CarePlan", "CareTeam", "ClinicalImpression",
-    "Communication", "CommunicationRequest", "Composition", "Condition", "DeviceRequest",
-    "DeviceUseStatement", "DiagnosticReport", "DocumentManifest", "DocumentReference", "Encounter",
-    "Flag", "Goal", "ImagingStudy", "List", "Media", "MedicationAdministration",
-    "MedicationDispense", "MedicationRequest", "MedicationStatement", "Observation", "Procedure",
-    "QuestionnaireResponse", "RequestGroup", "RiskAssessment", "ServiceRequest", "Specimen",
+    "Account",
+    "AdverseEvent",
+    "Basic",
+    "CarePlan",
+    "CareTeam",
+    "ClinicalImpression",
+    "Communication",
+    "CommunicationRequest",
+    "Composition",
+    "Condition",
+    "DeviceRequest",
+    "DeviceUseStatement",
+    "DiagnosticReport",
+    "DocumentManifest",
+    "DocumentReference",
+    "Encounter",
+    "Flag",
+    "Goal",
+    "ImagingStudy",
+    "List",
+    "Media",
+    "MedicationAdministration",
+    "MedicationDispense",
+    "MedicationRequest",
+    "MedicationStatement",
+    "Observation",
+    "Procedure",
+    "QuestionnaireResponse",
+    "RequestGroup",
+    "RiskAssessment",
+    "ServiceRequest",
+    "Specimen",
 ];
 
 /// Types whose `patient` parameter follows an element of its own name or another one.
@@ -111,18 +137,26 @@ const DATE_PATHS: &[(&str, &[&str])] = &[
     ("CareTeam", &["period"]),
     ("ClinicalImpression", &["date"]),
     ("Composition", &["date"]),
-    ("Condition", &["onsetDateTime", "onsetPeriod", "recordedDate"]),
-    ("DiagnosticReport", &["effectiveDateTime", "effectivePeriod"]),
+    (
+        "Condition",
+        &["onsetDateTime", "onsetPeriod", "recordedDate"],
+    ),
+    (
+        "DiagnosticReport",
+        &["effectiveDateTime", "effectivePeriod"],
+    ),
     ("DocumentReference", &["date"]),
     ("Encounter", &["period"]),
     ("EpisodeOfCare", &["period"]),
     ("FamilyMemberHistory", &["date"]),
     ("Flag", &["period"]),
     ("Immunization", &["occurrenceDateTime"]),
-    ("Observation", &["effectiveDateTime", "effectivePeriod", "effectiveInstant"]),
+    (
+        "Observation",
+        &["effectiveDateTime", "effectivePeriod", "effectiveInstant"],
+    ),
     ("Procedure", &["performedDateTime", "performedPeriod"]),
 ];
-
 
 /// The search parameters of every resource type.
 #[derive(Debug, Default)]
@@ -155,7 +189,10 @@ impl SearchRegistry {
             let patient_path = if PATIENT_VIA_SUBJECT.contains(&rt) {
                 Some("subject")
             } else {
-                PATIENT_OTHER.iter().find(|(t, _)| *t == rt).map(|(_, p)| *p)
+                PATIENT_OTHER
+                    .iter()
+                    .find(|(t, _)| *t == rt)
+                    .map(|(_, p)| *p)
             };
             if let Some(path) = patient_path {
                 defs.push(ParamDef {
@@ -207,7 +244,9 @@ impl SearchRegistry {
                     for (system, code) in tokens(resource, def) {
                         keys.push(index_key(def.name, &format!("a:{code}")));
                         match system {
-                            Some(system) => keys.push(index_key(def.name, &format!("s:{system}|{code}"))),
+                            Some(system) => {
+                                keys.push(index_key(def.name, &format!("s:{system}|{code}")))
+                            }
                             None => keys.push(index_key(def.name, &format!("n:{code}"))),
                         }
                     }
@@ -289,7 +328,9 @@ impl SearchRegistry {
                         unsupported(&mut query, strict, raw_name.clone())?;
                         continue;
                     };
-                    query.clauses.push(parse_clause(def, raw_name, modifier, raw_value)?);
+                    query
+                        .clauses
+                        .push(parse_clause(def, raw_name, modifier, raw_value)?);
                 }
             }
         }
@@ -322,7 +363,9 @@ fn unsupported(query: &mut SearchQuery, strict: bool, what: String) -> Result<()
             StatusCode::BAD_REQUEST,
             Issue::error(
                 "not-supported",
-                format!("unknown or unsupported search parameter '{what}' (Prefer: handling=strict)"),
+                format!(
+                    "unknown or unsupported search parameter '{what}' (Prefer: handling=strict)"
+                ),
             ),
         ));
     }
@@ -467,28 +510,29 @@ fn parse_reference_value(value: &str, default_type: Option<&str>) -> ReferenceVa
 fn parse_date_value(name: &str, value: &str) -> Result<DateValue, FhirError> {
     // A '+' in a time zone that was not percent-encoded arrives as a space.
     let value = value.replace(' ', "+");
-    let (prefix, rest) = if value.len() > 2 && value.as_bytes()[..2].iter().all(u8::is_ascii_alphabetic) {
-        let prefix = match &value[..2] {
-            "eq" => Prefix::Eq,
-            "ne" => Prefix::Ne,
-            "gt" => Prefix::Gt,
-            "lt" => Prefix::Lt,
-            "ge" => Prefix::Ge,
-            "le" => Prefix::Le,
-            "sa" => Prefix::Sa,
-            "eb" => Prefix::Eb,
-            "ap" => Prefix::Ap,
-            other => {
-                return Err(bad_value(
+    let (prefix, rest) =
+        if value.len() > 2 && value.as_bytes()[..2].iter().all(u8::is_ascii_alphabetic) {
+            let prefix = match &value[..2] {
+                "eq" => Prefix::Eq,
+                "ne" => Prefix::Ne,
+                "gt" => Prefix::Gt,
+                "lt" => Prefix::Lt,
+                "ge" => Prefix::Ge,
+                "le" => Prefix::Le,
+                "sa" => Prefix::Sa,
+                "eb" => Prefix::Eb,
+                "ap" => Prefix::Ap,
+                other => return Err(bad_value(
                     name,
-                    &format!("unknown prefix '{other}' (expected eq, ne, gt, lt, ge, le, sa, eb or ap)"),
-                ))
-            }
+                    &format!(
+                        "unknown prefix '{other}' (expected eq, ne, gt, lt, ge, le, sa, eb or ap)"
+                    ),
+                )),
+            };
+            (prefix, &value[2..])
+        } else {
+            (Prefix::Eq, value.as_str())
         };
-        (prefix, &value[2..])
-    } else {
-        (Prefix::Eq, value.as_str())
-    };
     let range = parse_range(rest).ok_or_else(|| {
         bad_value(
             name,
@@ -615,7 +659,9 @@ impl Clause {
                 values
                     .iter()
                     .map(|t| match (&t.system, &t.code) {
-                        (None, Some(code)) => Probe::Exact(index_key(def.name, &format!("a:{code}"))),
+                        (None, Some(code)) => {
+                            Probe::Exact(index_key(def.name, &format!("a:{code}")))
+                        }
                         (Some(s), Some(code)) if s.is_empty() => {
                             Probe::Exact(index_key(def.name, &format!("n:{code}")))
                         }
@@ -631,8 +677,12 @@ impl Clause {
                 values
                     .iter()
                     .map(|r| match r {
-                        ReferenceValue::Exact(r) => Probe::Exact(index_key(def.name, &format!("r:{r}"))),
-                        ReferenceValue::AnyType(id) => Probe::Exact(index_key(def.name, &format!("i:{id}"))),
+                        ReferenceValue::Exact(r) => {
+                            Probe::Exact(index_key(def.name, &format!("r:{r}")))
+                        }
+                        ReferenceValue::AnyType(id) => {
+                            Probe::Exact(index_key(def.name, &format!("i:{id}")))
+                        }
                     })
                     .collect(),
             ),
@@ -664,7 +714,11 @@ impl Clause {
 
     fn matches_body(&self, resource: &Value) -> bool {
         match &self.kind {
-            ClauseKind::Token { def, values, negate } => {
+            ClauseKind::Token {
+                def,
+                values,
+                negate,
+            } => {
                 let found = tokens(resource, def);
                 let any = values.iter().any(|want| {
                     found.iter().any(|(system, code)| {
@@ -684,7 +738,9 @@ impl Clause {
                 values.iter().any(|want| {
                     found.iter().any(|r| match want {
                         ReferenceValue::Exact(w) => r == w,
-                        ReferenceValue::AnyType(id) => r.rsplit_once('/').is_some_and(|(_, i)| i == id),
+                        ReferenceValue::AnyType(id) => {
+                            r.rsplit_once('/').is_some_and(|(_, i)| i == id)
+                        }
                     })
                 })
             }
@@ -693,10 +749,7 @@ impl Clause {
                 values.iter().any(|v| date_matches(v, &found))
             }
             ClauseKind::Missing { def, missing } => {
-                let present = def
-                    .paths
-                    .iter()
-                    .any(|p| !collect(resource, p).is_empty());
+                let present = def.paths.iter().any(|p| !collect(resource, p).is_empty());
                 present != *missing
             }
             ClauseKind::Id(_) | ClauseKind::LastUpdated(_) => false,
@@ -747,8 +800,12 @@ fn date_matches(value: &DateValue, targets: &[DateRange]) -> bool {
             let now = now_micros();
             let slack_start = (now.saturating_sub(p.start)).unsigned_abs() / 10;
             let slack_end = (now.saturating_sub(p.end)).unsigned_abs() / 10;
-            let lo = p.start.saturating_sub(i64::try_from(slack_start).unwrap_or(i64::MAX));
-            let hi = p.end.saturating_add(i64::try_from(slack_end).unwrap_or(i64::MAX));
+            let lo = p
+                .start
+                .saturating_sub(i64::try_from(slack_start).unwrap_or(i64::MAX));
+            let hi = p
+                .end
+                .saturating_add(i64::try_from(slack_end).unwrap_or(i64::MAX));
             r.start < hi && r.end > lo
         }
     })
@@ -842,8 +899,14 @@ fn dates(resource: &Value, def: &ParamDef) -> Vec<DateRange> {
             .filter_map(|v| match v {
                 Value::String(s) => parse_range(s),
                 Value::Object(period) => {
-                    let start = period.get("start").and_then(Value::as_str).and_then(parse_range);
-                    let end = period.get("end").and_then(Value::as_str).and_then(parse_range);
+                    let start = period
+                        .get("start")
+                        .and_then(Value::as_str)
+                        .and_then(parse_range);
+                    let end = period
+                        .get("end")
+                        .and_then(Value::as_str)
+                        .and_then(parse_range);
                     (start.is_some() || end.is_some()).then(|| DateRange {
                         start: start.map_or(i64::MIN, |r| r.start),
                         end: end.map_or(i64::MAX, |r| r.end),
@@ -870,7 +933,9 @@ mod tests {
     }
 
     fn pairs(q: &[(&str, &str)]) -> Vec<(String, String)> {
-        q.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect()
+        q.iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect()
     }
 
     fn obs() -> Value {
@@ -885,7 +950,10 @@ mod tests {
         let query = registry()
             .parse_query("Observation", &pairs(q), true)
             .expect("valid query");
-        query.clauses.iter().all(|c| c.matches(Some(&obs()), "o1", 0))
+        query
+            .clauses
+            .iter()
+            .all(|c| c.matches(Some(&obs()), "o1", 0))
     }
 
     #[test]
@@ -898,14 +966,24 @@ mod tests {
         assert!(matches(&[("code:not", "1234-5")]));
         assert!(matches(&[("patient", "p1"), ("subject", "Patient/p1")]));
         assert!(matches(&[("subject", "p1")]));
-        assert!(matches(&[("patient", "http://example.org/fhir/Patient/p1")]));
+        assert!(matches(&[(
+            "patient",
+            "http://example.org/fhir/Patient/p1"
+        )]));
         assert!(!matches(&[("patient", "p2")]));
         assert!(matches(&[("status", "final,amended")]));
-        assert!(matches(&[("date", "2021"), ("date", "ge2021-03-04"), ("date", "lt2021-03-05")]));
+        assert!(matches(&[
+            ("date", "2021"),
+            ("date", "ge2021-03-04"),
+            ("date", "lt2021-03-05")
+        ]));
         assert!(!matches(&[("date", "gt2021-03-04")]));
         assert!(matches(&[("date", "sa2021-03-03"), ("date", "eb2022")]));
         assert!(matches(&[("date", "ne2020")]));
-        assert!(matches(&[("category", "vital-signs"), ("code:missing", "false")]));
+        assert!(matches(&[
+            ("category", "vital-signs"),
+            ("code:missing", "false")
+        ]));
     }
 
     #[test]
@@ -933,7 +1011,11 @@ mod tests {
             .expect_err("strict");
         assert_eq!(err.status, StatusCode::BAD_REQUEST);
         let q = registry()
-            .parse_query("Patient", &pairs(&[("foo", "1"), ("identifier", "a|b")]), false)
+            .parse_query(
+                "Patient",
+                &pairs(&[("foo", "1"), ("identifier", "a|b")]),
+                false,
+            )
             .expect("lenient");
         assert_eq!(q.ignored, vec!["foo"]);
         assert_eq!(q.clauses.len(), 1);
@@ -945,7 +1027,13 @@ mod tests {
 
     #[test]
     fn bad_values_are_always_errors() {
-        for (name, value) in [("date", "xx2020"), ("date", "2020-13"), ("_count", "-1"), ("code:text", "x"), ("_lastUpdated", "gt20")] {
+        for (name, value) in [
+            ("date", "xx2020"),
+            ("date", "2020-13"),
+            ("_count", "-1"),
+            ("code:text", "x"),
+            ("_lastUpdated", "gt20"),
+        ] {
             let err = registry()
                 .parse_query("Observation", &pairs(&[(name, value)]), false)
                 .expect_err(name);
@@ -959,13 +1047,19 @@ mod tests {
         let query = registry()
             .parse_query(
                 "Observation",
-                &pairs(&[("code", "http://loinc.org|39156-5"), ("patient", "p1"), ("subject", "p1")]),
+                &pairs(&[
+                    ("code", "http://loinc.org|39156-5"),
+                    ("patient", "p1"),
+                    ("subject", "p1"),
+                ]),
                 true,
             )
             .expect("valid");
         for clause in &query.clauses {
             for probe in clause.probes().expect("indexed") {
-                let Probe::Exact(key) = probe else { panic!("exact") };
+                let Probe::Exact(key) = probe else {
+                    panic!("exact")
+                };
                 assert!(keys.contains(&key), "{key} not in {keys:?}");
             }
         }
@@ -974,6 +1068,9 @@ mod tests {
     #[test]
     fn escaped_commas_stay_in_values() {
         assert_eq!(split_values(r"a\,b,c"), vec!["a,b", "c"]);
-        assert_eq!(normalize_reference("https://h/fhir/Patient/1/_history/3"), "Patient/1");
+        assert_eq!(
+            normalize_reference("https://h/fhir/Patient/1/_history/3"),
+            "Patient/1"
+        );
     }
 }

@@ -55,7 +55,8 @@ impl SchemaValidator {
     }
 
     pub fn from_json(text: &str) -> Result<Self, SchemaError> {
-        let schema: Value = serde_json::from_str(text)?;
+        let mut schema: Value = serde_json::from_str(text)?;
+        require_objects(&mut schema);
         let resource_types: BTreeSet<String> = schema["oneOf"]
             .as_array()
             .ok_or(SchemaError::NoResourceList)?
@@ -104,8 +105,11 @@ impl SchemaValidator {
         self.explain(resource_type, resource, resource_type, &mut issues)?;
         if issues.is_empty() {
             issues.push(
-                Issue::error("structure", "resource does not conform to the FHIR R4 schema")
-                    .at(resource_type),
+                Issue::error(
+                    "structure",
+                    "resource does not conform to the FHIR R4 schema",
+                )
+                .at(resource_type),
             );
         }
         issues.truncate(MAX_ISSUES);
@@ -212,6 +216,22 @@ impl SchemaValidator {
             .unwrap_or_else(|p| p.into_inner())
             .insert(resource_type.to_owned(), compiled.clone());
         Ok(compiled)
+    }
+}
+
+/// The official schema gives complex types (`Quantity`, `CodeableConcept`, …) `properties` but no
+/// `"type": "object"`, so a string where a Quantity belongs passes it. Every definition with
+/// properties describes a JSON object; say so.
+fn require_objects(schema: &mut Value) {
+    let Some(definitions) = schema.get_mut("definitions").and_then(Value::as_object_mut) else {
+        return;
+    };
+    for definition in definitions.values_mut() {
+        if let Some(def) = definition.as_object_mut() {
+            if def.contains_key("properties") && !def.contains_key("type") {
+                def.insert("type".into(), Value::String("object".into()));
+            }
+        }
     }
 }
 
@@ -344,6 +364,16 @@ mod tests {
     }
 
     #[test]
+    fn complex_types_must_be_objects() {
+        let o = json!({"resourceType":"Observation","status":"final","code":{"text":"x"},"valueQuantity":"heavy"});
+        let err = validator()
+            .validate(&o)
+            .expect_err("a string is not a Quantity");
+        assert_eq!(err.issues[0].expression, vec!["Observation.valueQuantity"]);
+        assert_eq!(err.status, StatusCode::BAD_REQUEST);
+    }
+
+    #[test]
     fn contained_resources_are_explained_with_their_path() {
         let p = json!({"resourceType":"Observation","status":"final","code":{"text":"x"},
             "contained":[{"resourceType":"Patient","id":"p","gender":"robot"}]});
@@ -356,7 +386,9 @@ mod tests {
 
     #[test]
     fn missing_or_unknown_resource_type() {
-        let err = validator().validate(&json!({"id":"x"})).expect_err("no type");
+        let err = validator()
+            .validate(&json!({"id":"x"}))
+            .expect_err("no type");
         assert_eq!(err.issues[0].code, "required");
         let err = validator()
             .validate(&json!({"resourceType":"Nope"}))

@@ -82,13 +82,15 @@ pub fn app(routes: Router, config: &ServerConfig) -> Router {
                     tracing::info_span!("request", method = %request.method(), route, request_id)
                 })
                 .on_request(())
-                .on_response(|response: &Response, latency: Duration, _span: &tracing::Span| {
-                    tracing::info!(
-                        status = response.status().as_u16(),
-                        latency_us = latency.as_micros() as u64,
-                        "served"
-                    );
-                })
+                .on_response(
+                    |response: &Response, latency: Duration, _span: &tracing::Span| {
+                        tracing::info!(
+                            status = response.status().as_u16(),
+                            latency_us = latency.as_micros() as u64,
+                            "served"
+                        );
+                    },
+                )
                 .on_failure(()),
         )
         .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
@@ -135,11 +137,16 @@ async fn bare_errors_as_outcomes(response: Response) -> Response {
         StatusCode::NOT_FOUND => "not-found",
         StatusCode::METHOD_NOT_ALLOWED | StatusCode::UNSUPPORTED_MEDIA_TYPE => "not-supported",
         StatusCode::PAYLOAD_TOO_LARGE => "too-long",
-        StatusCode::SERVICE_UNAVAILABLE | StatusCode::REQUEST_TIMEOUT | StatusCode::GATEWAY_TIMEOUT => "timeout",
+        StatusCode::SERVICE_UNAVAILABLE
+        | StatusCode::REQUEST_TIMEOUT
+        | StatusCode::GATEWAY_TIMEOUT => "timeout",
         s if s.is_server_error() => "exception",
         _ => "invalid",
     };
-    let mut out = json_response(status, &operation_outcome(&[Issue::error(code, diagnostics)]));
+    let mut out = json_response(
+        status,
+        &operation_outcome(&[Issue::error(code, diagnostics)]),
+    );
     for name in [header::ALLOW, header::RETRY_AFTER] {
         if let Some(v) = parts.headers.get(&name) {
             out.headers_mut().insert(name, v.clone());
@@ -158,7 +165,12 @@ fn panic_response(_panic: Box<dyn std::any::Any + Send + 'static>) -> Response {
 
 /// Serves `app` on `listener` until `shutdown` completes, then stops accepting and gives
 /// in-flight requests `grace` to finish.
-pub async fn serve<F>(listener: CappedListener, app: Router, shutdown: F, grace: Duration) -> std::io::Result<()>
+pub async fn serve<F>(
+    listener: CappedListener,
+    app: Router,
+    shutdown: F,
+    grace: Duration,
+) -> std::io::Result<()>
 where
     F: Future<Output = ()> + Send + 'static,
 {
@@ -168,11 +180,12 @@ where
         let _ = tx.send(true);
     });
     let mut signalled = rx.clone();
-    let server = axum::serve(listener, app.into_make_service()).with_graceful_shutdown(async move {
-        let mut rx = rx;
-        let _ = rx.wait_for(|stop| *stop).await;
-        tracing::info!("shutdown requested; finishing in-flight requests");
-    });
+    let server =
+        axum::serve(listener, app.into_make_service()).with_graceful_shutdown(async move {
+            let mut rx = rx;
+            let _ = rx.wait_for(|stop| *stop).await;
+            tracing::info!("shutdown requested; finishing in-flight requests");
+        });
     let deadline = async move {
         let _ = signalled.wait_for(|stop| *stop).await;
         tokio::time::sleep(grace).await;

@@ -35,7 +35,9 @@ impl BundleWriter {
                 Value::Array(
                     links
                         .iter()
-                        .map(|(relation, url)| serde_json::json!({"relation": relation, "url": url}))
+                        .map(
+                            |(relation, url)| serde_json::json!({"relation": relation, "url": url}),
+                        )
                         .collect(),
                 ),
             );
@@ -46,9 +48,17 @@ impl BundleWriter {
     }
 
     /// Adds an entry: `before` fields, then `resource` (raw JSON) if any, then `after` fields.
-    pub fn entry(&mut self, before: &[(&str, Value)], resource: Option<&[u8]>, after: &[(&str, Value)]) {
-        self.out
-            .extend_from_slice(if self.entries == 0 { b",\"entry\":[{" } else { b",{" });
+    pub fn entry(
+        &mut self,
+        before: &[(&str, Value)],
+        resource: Option<&[u8]>,
+        after: &[(&str, Value)],
+    ) {
+        self.out.extend_from_slice(if self.entries == 0 {
+            b",\"entry\":[{"
+        } else {
+            b",{"
+        });
         self.entries += 1;
         let mut first = true;
         let mut field = |out: &mut Vec<u8>, name: &str, raw: &[u8]| {
@@ -61,13 +71,21 @@ impl BundleWriter {
             out.extend_from_slice(raw);
         };
         for (name, value) in before {
-            field(&mut self.out, name, &serde_json::to_vec(value).unwrap_or_default());
+            field(
+                &mut self.out,
+                name,
+                &serde_json::to_vec(value).unwrap_or_default(),
+            );
         }
         if let Some(resource) = resource {
             field(&mut self.out, "resource", resource);
         }
         for (name, value) in after {
-            field(&mut self.out, name, &serde_json::to_vec(value).unwrap_or_default());
+            field(
+                &mut self.out,
+                name,
+                &serde_json::to_vec(value).unwrap_or_default(),
+            );
         }
         self.out.push(b'}');
     }
@@ -88,14 +106,24 @@ mod tests {
 
     #[test]
     fn writes_valid_bundle_json() {
-        let mut w = BundleWriter::new("searchset", Some(2), &[("self", "http://x/fhir/Patient".into())]);
-        w.entry(&[("fullUrl", json!("http://x/fhir/Patient/1"))], Some(br#"{"resourceType":"Patient","id":"1"}"#), &[("search", json!({"mode":"match"}))]);
+        let mut w = BundleWriter::new(
+            "searchset",
+            Some(2),
+            &[("self", "http://x/fhir/Patient".into())],
+        );
+        w.entry(
+            &[("fullUrl", json!("http://x/fhir/Patient/1"))],
+            Some(br#"{"resourceType":"Patient","id":"1"}"#),
+            &[("search", json!({"mode":"match"}))],
+        );
         w.entry(&[], None, &[("response", json!({"status":"200 OK"}))]);
         let v: Value = serde_json::from_slice(&w.finish()).expect("json");
         assert_eq!(v["total"], 2);
         assert_eq!(v["entry"][0]["resource"]["id"], "1");
         assert_eq!(v["entry"][1]["response"]["status"], "200 OK");
-        let empty: Value = serde_json::from_slice(&BundleWriter::new("searchset", Some(0), &[]).finish()).expect("json");
+        let empty: Value =
+            serde_json::from_slice(&BundleWriter::new("searchset", Some(0), &[]).finish())
+                .expect("json");
         assert!(empty.get("entry").is_none());
     }
 }

@@ -34,7 +34,13 @@ pub(super) fn capability_statement(
         .resource_types()
         .map(|rt| {
             let interactions: Vec<Value> = [
-                "read", "vread", "update", "delete", "history-instance", "history-type", "create",
+                "read",
+                "vread",
+                "update",
+                "delete",
+                "history-instance",
+                "history-type",
+                "create",
                 "search-type",
             ]
             .iter()

@@ -121,7 +121,9 @@ pub fn check_content_type(headers: &HeaderMap) -> Result<(), FhirError> {
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Issue::error(
                 "not-supported",
-                format!("content type '{other}' is not supported; only JSON (application/fhir+json) is"),
+                format!(
+                    "content type '{other}' is not supported; only JSON (application/fhir+json) is"
+                ),
             ),
         )),
     }
@@ -163,7 +165,10 @@ pub fn check_accept(headers: &HeaderMap, format: Option<&str>) -> Result<(), Fhi
 /// Parses a JSON request body into a resource, with a precise error for malformed JSON.
 pub fn parse_json(body: &[u8]) -> Result<Value, FhirError> {
     if body.is_empty() {
-        return Err(FhirError::bad_request("required", "the request has no body"));
+        return Err(FhirError::bad_request(
+            "required",
+            "the request has no body",
+        ));
     }
     serde_json::from_slice(body).map_err(|e| {
         let why = if e.to_string().contains("recursion limit") {
@@ -228,27 +233,45 @@ mod tests {
     #[test]
     fn prefer_and_etags() {
         let mut h = HeaderMap::new();
-        h.insert("prefer", HeaderValue::from_static("return=minimal, handling=strict"));
+        h.insert(
+            "prefer",
+            HeaderValue::from_static("return=minimal, handling=strict"),
+        );
         let p = RequestPrefs::from_headers(&h);
         assert_eq!(p.return_pref, Some(ReturnPreference::Minimal));
         assert!(p.strict);
-        assert_eq!(parse_etag(&HeaderValue::from_static("W/\"12\"")).expect("etag"), 12);
-        assert_eq!(parse_etag(&HeaderValue::from_static("\"3\"")).expect("etag"), 3);
+        assert_eq!(
+            parse_etag(&HeaderValue::from_static("W/\"12\"")).expect("etag"),
+            12
+        );
+        assert_eq!(
+            parse_etag(&HeaderValue::from_static("\"3\"")).expect("etag"),
+            3
+        );
         assert!(parse_etag(&HeaderValue::from_static("W/\"x\"")).is_err());
     }
 
     #[test]
     fn xml_is_refused() {
         let mut h = HeaderMap::new();
-        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/fhir+xml"));
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/fhir+xml"),
+        );
         assert_eq!(
             check_content_type(&h).expect_err("xml").status,
             StatusCode::UNSUPPORTED_MEDIA_TYPE
         );
         let mut h = HeaderMap::new();
-        h.insert(header::ACCEPT, HeaderValue::from_static("application/fhir+xml"));
+        h.insert(
+            header::ACCEPT,
+            HeaderValue::from_static("application/fhir+xml"),
+        );
         assert!(check_accept(&h, None).is_err());
-        h.insert(header::ACCEPT, HeaderValue::from_static("application/fhir+xml, application/fhir+json;q=0.5"));
+        h.insert(
+            header::ACCEPT,
+            HeaderValue::from_static("application/fhir+xml, application/fhir+json;q=0.5"),
+        );
         assert!(check_accept(&h, None).is_ok());
         assert!(check_accept(&HeaderMap::new(), Some("xml")).is_err());
         assert!(check_accept(&HeaderMap::new(), Some("json")).is_ok());

@@ -53,7 +53,10 @@ pub(super) fn body_bytes(body: Result<Bytes, BytesRejection>) -> Result<Bytes, F
         if status == StatusCode::PAYLOAD_TOO_LARGE {
             FhirError::new(
                 status,
-                Issue::error("too-long", "the request body is larger than this server accepts"),
+                Issue::error(
+                    "too-long",
+                    "the request body is larger than this server accepts",
+                ),
             )
         } else {
             FhirError::new(status, Issue::error("invalid", rejection.body_text()))
@@ -70,11 +73,8 @@ fn location(api: &FhirApi, rv: &ResourceVersion) -> String {
 
 fn stored(rv: ResourceVersion) -> Result<Response, FhirError> {
     if rv.is_deleted() {
-        let mut response = FhirError::gone(format!(
-            "{}/{} was deleted",
-            rv.resource_type, rv.id
-        ))
-        .into_response_with_version(&rv);
+        let mut response = FhirError::gone(format!("{}/{} was deleted", rv.resource_type, rv.id))
+            .into_response_with_version(&rv);
         response.headers_mut().remove(header::LOCATION);
         return Ok(response);
     }
@@ -132,9 +132,9 @@ pub async fn vread(
     check_accept(&headers, format_param(&pairs))?;
     api.check_type(&resource_type)?;
     check_id(&resource_type, &id)?;
-    let version: u64 = vid.parse().map_err(|_| {
-        FhirError::bad_request("value", format!("'{vid}' is not a version number"))
-    })?;
+    let version: u64 = vid
+        .parse()
+        .map_err(|_| FhirError::bad_request("value", format!("'{vid}' is not a version number")))?;
     let rv = api
         .store
         .vread(&resource_type, &id, version)
@@ -369,10 +369,12 @@ pub async fn delete(
     };
     let mut response = match prefs.return_pref {
         Some(super::response::ReturnPreference::OperationOutcome)
-        | Some(super::response::ReturnPreference::Representation) => super::response::json_response(
-            StatusCode::OK,
-            &crate::fhir::operation_outcome(&[Issue::information("informational", message)]),
-        ),
+        | Some(super::response::ReturnPreference::Representation) => {
+            super::response::json_response(
+                StatusCode::OK,
+                &crate::fhir::operation_outcome(&[Issue::information("informational", message)]),
+            )
+        }
         _ => {
             let mut r = Response::new(Body::empty());
             *r.status_mut() = StatusCode::NO_CONTENT;

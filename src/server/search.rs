@@ -182,7 +182,9 @@ async fn history(
             .map_err(store_error)?
             .is_none()
         {
-            return Err(FhirError::not_found(format!("{resource_type}/{id} is not known")));
+            return Err(FhirError::not_found(format!(
+                "{resource_type}/{id} is not known"
+            )));
         }
     }
     let result = api
@@ -214,7 +216,11 @@ async fn history(
         let (method, url, status) = match rv.change {
             ChangeKind::Create => ("POST", rv.resource_type.clone(), "201 Created"),
             ChangeKind::Update => ("PUT", format!("{}/{}", rv.resource_type, rv.id), "200 OK"),
-            ChangeKind::Delete => ("DELETE", format!("{}/{}", rv.resource_type, rv.id), "204 No Content"),
+            ChangeKind::Delete => (
+                "DELETE",
+                format!("{}/{}", rv.resource_type, rv.id),
+                "204 No Content",
+            ),
         };
         bundle.entry(
             &[("fullUrl", Value::String(full_url))],

@@ -33,15 +33,29 @@ enum EntryRequest {
 }
 
 enum ReadRequest {
-    Read { resource_type: String, id: String },
-    VRead { resource_type: String, id: String, version: u64 },
-    Search { resource_type: String, pairs: Vec<(String, String)> },
+    Read {
+        resource_type: String,
+        id: String,
+    },
+    VRead {
+        resource_type: String,
+        id: String,
+        version: u64,
+    },
+    Search {
+        resource_type: String,
+        pairs: Vec<(String, String)>,
+    },
 }
 
 /// The answer to one entry, rendered into the response Bundle.
 enum EntryResponse {
     Written(Outcome),
-    Resource { status: StatusCode, body: Bytes, version: Option<ResourceVersion> },
+    Resource {
+        status: StatusCode,
+        body: Bytes,
+        version: Option<ResourceVersion>,
+    },
     Failed(FhirError),
 }
 
@@ -81,7 +95,10 @@ pub async fn batch_or_transaction(
         None => &[][..],
         Some(Value::Array(entries)) => entries.as_slice(),
         Some(_) => {
-            return Err(FhirError::bad_request("structure", "Bundle.entry must be an array").at("Bundle.entry"))
+            return Err(
+                FhirError::bad_request("structure", "Bundle.entry must be an array")
+                    .at("Bundle.entry"),
+            )
         }
     };
 
@@ -138,7 +155,11 @@ pub async fn batch_or_transaction(
         responses[index] = Some(response);
     }
 
-    let bundle_type = if atomic { "transaction-response" } else { "batch-response" };
+    let bundle_type = if atomic {
+        "transaction-response"
+    } else {
+        "batch-response"
+    };
     let mut out = BundleWriter::new(bundle_type, None, &[]);
     for response in responses.into_iter().flatten() {
         render_entry(&api, &mut out, response, prefs.return_pref);
@@ -152,7 +173,8 @@ fn render_entry(
     response: EntryResponse,
     prefer: Option<ReturnPreference>,
 ) {
-    let status_line = |s: StatusCode| format!("{} {}", s.as_u16(), s.canonical_reason().unwrap_or(""));
+    let status_line =
+        |s: StatusCode| format!("{} {}", s.as_u16(), s.canonical_reason().unwrap_or(""));
     match response {
         EntryResponse::Failed(error) => out.entry(
             &[],
@@ -208,7 +230,10 @@ fn plan_entry(api: &FhirApi, index: usize, entry: &Value) -> Result<EntryRequest
     let Some(request) = entry.get("request").filter(|r| r.is_object()) else {
         return Err(FhirError::bad_request("required", "entry has no request").at(at("request")));
     };
-    let method = request.get("method").and_then(Value::as_str).unwrap_or_default();
+    let method = request
+        .get("method")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
     let url = request.get("url").and_then(Value::as_str).ok_or_else(|| {
         FhirError::bad_request("required", "entry request has no url").at(at("request.url"))
     })?;
@@ -221,13 +246,18 @@ fn plan_entry(api: &FhirApi, index: usize, entry: &Value) -> Result<EntryRequest
         None => (relative, None),
     };
     let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
-    let url_error = |why: &str| FhirError::bad_request("invalid", why.to_string()).at(at("request.url"));
+    let url_error =
+        |why: &str| FhirError::bad_request("invalid", why.to_string()).at(at("request.url"));
     let Some(resource_type) = segments.first().map(|s| s.to_string()) else {
         return Err(url_error("the url names no resource type"));
     };
-    api.check_type(&resource_type)
-        .map_err(|e| FhirError::with_issues(StatusCode::BAD_REQUEST, e.issues).at(at("request.url")))?;
-    let full_url = entry.get("fullUrl").and_then(Value::as_str).map(str::to_owned);
+    api.check_type(&resource_type).map_err(|e| {
+        FhirError::with_issues(StatusCode::BAD_REQUEST, e.issues).at(at("request.url"))
+    })?;
+    let full_url = entry
+        .get("fullUrl")
+        .and_then(Value::as_str)
+        .map(str::to_owned);
     let if_match = request
         .get("ifMatch")
         .and_then(Value::as_str)
@@ -239,7 +269,8 @@ fn plan_entry(api: &FhirApi, index: usize, entry: &Value) -> Result<EntryRequest
         .transpose()?;
     let resource = |entry: &Value| -> Result<Value, FhirError> {
         let resource = entry.get("resource").cloned().ok_or_else(|| {
-            FhirError::bad_request("required", format!("a {method} entry needs a resource")).at(at("resource"))
+            FhirError::bad_request("required", format!("a {method} entry needs a resource"))
+                .at(at("resource"))
         })?;
         api.check_resource(&resource, &resource_type)
             .map_err(|e| e.within(&at("resource"), Some(&resource_type)))?;
@@ -288,7 +319,11 @@ fn plan_entry(api: &FhirApi, index: usize, entry: &Value) -> Result<EntryRequest
                     }
                 }
             }
-            Action::Update { id, resource, if_match }
+            Action::Update {
+                id,
+                resource,
+                if_match,
+            }
         }
         ("PUT", 1, Some(q)) => Action::ConditionalUpdate {
             query: condition(Some(q))?.ok_or_else(|| url_error("empty condition"))?,
@@ -301,7 +336,10 @@ fn plan_entry(api: &FhirApi, index: usize, entry: &Value) -> Result<EntryRequest
         }
         ("GET" | "HEAD", 1, q) => {
             let pairs = query_pairs(q).map_err(|e| e.at(at("request.url")))?;
-            return Ok(EntryRequest::Read(ReadRequest::Search { resource_type, pairs }));
+            return Ok(EntryRequest::Read(ReadRequest::Search {
+                resource_type,
+                pairs,
+            }));
         }
         ("GET" | "HEAD", 2, None) => {
             return Ok(EntryRequest::Read(ReadRequest::Read {
@@ -348,7 +386,10 @@ fn plan_entry(api: &FhirApi, index: usize, entry: &Value) -> Result<EntryRequest
 
 async fn execute_read(api: &FhirApi, read: ReadRequest) -> Result<EntryResponse, FhirError> {
     let found = match read {
-        ReadRequest::Search { resource_type, pairs } => {
+        ReadRequest::Search {
+            resource_type,
+            pairs,
+        } => {
             let body = run_search(api, &resource_type, &pairs, false).await?;
             return Ok(EntryResponse::Resource {
                 status: StatusCode::OK,
@@ -358,9 +399,16 @@ async fn execute_read(api: &FhirApi, read: ReadRequest) -> Result<EntryResponse,
         }
         ReadRequest::Read { resource_type, id } => {
             check_id(&resource_type, &id)?;
-            api.store.read(&resource_type, &id).await.map_err(store_error)?
+            api.store
+                .read(&resource_type, &id)
+                .await
+                .map_err(store_error)?
         }
-        ReadRequest::VRead { resource_type, id, version } => {
+        ReadRequest::VRead {
+            resource_type,
+            id,
+            version,
+        } => {
             check_id(&resource_type, &id)?;
             api.store
                 .vread(&resource_type, &id, version)

@@ -140,7 +140,11 @@ fn resource_key(resource_type: &str, id: &str) -> String {
 
 #[async_trait::async_trait]
 impl Store for EmbeddedStore {
-    async fn read(&self, resource_type: &str, id: &str) -> Result<Option<ResourceVersion>, StoreError> {
+    async fn read(
+        &self,
+        resource_type: &str,
+        id: &str,
+    ) -> Result<Option<ResourceVersion>, StoreError> {
         self.ensure_open()?;
         let started = Instant::now();
         let txn = self.db.begin_read().map_err(backend)?;
@@ -263,7 +267,11 @@ impl Store for EmbeddedStore {
         .await
     }
 
-    async fn write(&self, mutations: Vec<Mutation>, atomic: bool) -> Result<WriteResult, StoreError> {
+    async fn write(
+        &self,
+        mutations: Vec<Mutation>,
+        atomic: bool,
+    ) -> Result<WriteResult, StoreError> {
         self.ensure_open()?;
         let started = Instant::now();
         let (reply, answer) = oneshot::channel();
@@ -384,7 +392,10 @@ where
         None => {
             let start = format!("{resource_type}/");
             let end = format!("{resource_type}0");
-            for item in current.range(start.as_str()..end.as_str()).map_err(backend)? {
+            for item in current
+                .range(start.as_str()..end.as_str())
+                .map_err(backend)?
+            {
                 let (k, v) = item.map_err(backend)?;
                 let id = &k.value()[start.len()..];
                 consider(id, v.value())?;
@@ -394,7 +405,12 @@ where
     Ok(matches)
 }
 
-fn probe_index<I>(index: &I, resource_type: &str, probe: &Probe, ids: &mut BTreeSet<String>) -> Result<(), StoreError>
+fn probe_index<I>(
+    index: &I,
+    resource_type: &str,
+    probe: &Probe,
+    ids: &mut BTreeSet<String>,
+) -> Result<(), StoreError>
 where
     I: ReadableTable<&'static str, ()>,
 {
@@ -404,7 +420,10 @@ where
     };
     let mut end = prefix.clone();
     end.push('\u{10FFFF}');
-    for item in index.range(prefix.as_str()..end.as_str()).map_err(backend)? {
+    for item in index
+        .range(prefix.as_str()..end.as_str())
+        .map_err(backend)?
+    {
         let (k, _) = item.map_err(backend)?;
         if let Some((_, id)) = k.value().rsplit_once('\u{1f}') {
             ids.insert(id.to_owned());
@@ -418,7 +437,11 @@ fn sort_matches(matches: &mut [Match], sort: Option<Sort>) {
         None | Some(Sort::Id { descending: false }) => {}
         Some(Sort::Id { descending: true }) => matches.reverse(),
         Some(Sort::LastUpdated { descending }) => {
-            matches.sort_by(|a, b| a.last_updated.cmp(&b.last_updated).then_with(|| a.id.cmp(&b.id)));
+            matches.sort_by(|a, b| {
+                a.last_updated
+                    .cmp(&b.last_updated)
+                    .then_with(|| a.id.cmp(&b.id))
+            });
             if descending {
                 matches.reverse();
             }
@@ -519,7 +542,10 @@ impl Writer {
         let results = {
             let mut counters_table = txn.open_table(COUNTERS).map_err(backend)?;
             let mut counters = Counters {
-                seq: counters_table.get("seq").map_err(backend)?.map_or(0, |g| g.value()),
+                seq: counters_table
+                    .get("seq")
+                    .map_err(backend)?
+                    .map_or(0, |g| g.value()),
                 clock: counters_table
                     .get("clock")
                     .map_err(backend)?
@@ -540,19 +566,27 @@ impl Writer {
                 } else {
                     let mut each = Vec::with_capacity(mutations.len());
                     for mutation in mutations {
-                        each.push(match self.apply_atomic(&mut tables, &mut counters, vec![mutation])? {
-                            WriteResult::Committed(mut outcomes) => outcomes
-                                .pop()
-                                .ok_or_else(|| FhirError::internal("write produced no outcome")),
-                            WriteResult::Aborted { error, .. } => Err(error),
-                            WriteResult::Each(_) => Err(FhirError::internal("unexpected write result")),
-                        });
+                        each.push(
+                            match self.apply_atomic(&mut tables, &mut counters, vec![mutation])? {
+                                WriteResult::Committed(mut outcomes) => {
+                                    outcomes.pop().ok_or_else(|| {
+                                        FhirError::internal("write produced no outcome")
+                                    })
+                                }
+                                WriteResult::Aborted { error, .. } => Err(error),
+                                WriteResult::Each(_) => {
+                                    Err(FhirError::internal("unexpected write result"))
+                                }
+                            },
+                        );
                     }
                     WriteResult::Each(each)
                 };
                 results.push(result);
             }
-            counters_table.insert("seq", counters.seq).map_err(backend)?;
+            counters_table
+                .insert("seq", counters.seq)
+                .map_err(backend)?;
             counters_table
                 .insert("clock", counters.clock as u64)
                 .map_err(backend)?;
@@ -580,9 +614,12 @@ impl Writer {
                 Err(error) => return Ok(WriteResult::Aborted { index, error }),
             };
             let target = match &plan {
-                Planned::Write { resource_type, id, .. } | Planned::Delete { resource_type, id, .. } => {
-                    Some(resource_key(resource_type, id))
+                Planned::Write {
+                    resource_type, id, ..
                 }
+                | Planned::Delete {
+                    resource_type, id, ..
+                } => Some(resource_key(resource_type, id)),
                 Planned::Existing(rv) => Some(resource_key(&rv.resource_type, &rv.id)),
                 Planned::NothingToDelete => None,
             };
@@ -592,7 +629,9 @@ impl Writer {
                         index,
                         error: FhirError::bad_request(
                             "duplicate",
-                            format!("{target} is changed by more than one entry of the transaction"),
+                            format!(
+                                "{target} is changed by more than one entry of the transaction"
+                            ),
                         ),
                     });
                 }
@@ -653,7 +692,17 @@ impl Writer {
                     stamp(&mut resource, &id, version, &format_instant(at));
                     let body = serde_json::to_vec(&resource).map_err(backend)?;
                     let keys = self.registry.index_keys(&resource_type, &resource);
-                    let rv = self.put_version(tables, counters, &resource_type, &id, version, at, change, body, &keys)?;
+                    let rv = self.put_version(
+                        tables,
+                        counters,
+                        &resource_type,
+                        &id,
+                        version,
+                        at,
+                        change,
+                        body,
+                        &keys,
+                    )?;
                     if existing {
                         Outcome::Updated(rv)
                     } else {
@@ -684,7 +733,11 @@ impl Writer {
     }
 
     /// Checks one mutation's preconditions against the current state.
-    fn plan(&self, tables: &Tables<'_>, mutation: Mutation) -> Result<Result<Planned, FhirError>, StoreError> {
+    fn plan(
+        &self,
+        tables: &Tables<'_>,
+        mutation: Mutation,
+    ) -> Result<Result<Planned, FhirError>, StoreError> {
         let Mutation {
             resource_type,
             action,
@@ -706,13 +759,16 @@ impl Writer {
                 if_none_exist,
             } => {
                 if let Some(query) = if_none_exist {
-                    let found = find_matches(&tables.current, &tables.index, &resource_type, &query)?;
+                    let found =
+                        find_matches(&tables.current, &tables.index, &resource_type, &query)?;
                     match found.as_slice() {
                         [] => {}
                         [one] => {
                             return Ok(match current(&one.id)? {
                                 Some(rv) => Ok(Planned::Existing(rv)),
-                                None => Err(FhirError::internal("index points at a missing resource")),
+                                None => {
+                                    Err(FhirError::internal("index points at a missing resource"))
+                                }
                             })
                         }
                         many => {
@@ -726,7 +782,9 @@ impl Writer {
                 let id = id.unwrap_or_else(new_id);
                 let existing = current(&id)?;
                 if live(&existing) {
-                    return Ok(Err(FhirError::conflict(format!("{resource_type}/{id} already exists"))));
+                    return Ok(Err(FhirError::conflict(format!(
+                        "{resource_type}/{id} already exists"
+                    ))));
                 }
                 Ok(Planned::Write {
                     previous: existing.map_or(0, |r| r.version),
@@ -737,10 +795,17 @@ impl Writer {
                     existing: false,
                 })
             }
-            Action::Update { id, resource, if_match } => {
+            Action::Update {
+                id,
+                resource,
+                if_match,
+            } => {
                 let existing = current(&id)?;
                 if let Some(expected) = if_match {
-                    let actual = existing.as_ref().filter(|r| !r.is_deleted()).map(|r| r.version);
+                    let actual = existing
+                        .as_ref()
+                        .filter(|r| !r.is_deleted())
+                        .map(|r| r.version);
                     if actual != Some(expected) {
                         return Ok(Err(version_mismatch(&resource_type, &id, expected, actual)));
                     }
@@ -751,13 +816,20 @@ impl Writer {
                     resource_type,
                     id,
                     resource,
-                    change: if is_live { ChangeKind::Update } else { ChangeKind::Create },
+                    change: if is_live {
+                        ChangeKind::Update
+                    } else {
+                        ChangeKind::Create
+                    },
                     existing: is_live,
                 })
             }
             Action::ConditionalUpdate { query, resource } => {
                 let found = find_matches(&tables.current, &tables.index, &resource_type, &query)?;
-                let body_id = resource.get("id").and_then(Value::as_str).map(str::to_owned);
+                let body_id = resource
+                    .get("id")
+                    .and_then(Value::as_str)
+                    .map(str::to_owned);
                 let id = match found.as_slice() {
                     [] => body_id.unwrap_or_else(new_id),
                     [one] => {
@@ -786,14 +858,21 @@ impl Writer {
                     resource_type,
                     id,
                     resource,
-                    change: if is_live { ChangeKind::Update } else { ChangeKind::Create },
+                    change: if is_live {
+                        ChangeKind::Update
+                    } else {
+                        ChangeKind::Create
+                    },
                     existing: is_live,
                 })
             }
             Action::Delete { id, if_match } => {
                 let existing = current(&id)?;
                 if let Some(expected) = if_match {
-                    let actual = existing.as_ref().filter(|r| !r.is_deleted()).map(|r| r.version);
+                    let actual = existing
+                        .as_ref()
+                        .filter(|r| !r.is_deleted())
+                        .map(|r| r.version);
                     if actual != Some(expected) {
                         return Ok(Err(version_mismatch(&resource_type, &id, expected, actual)));
                     }
@@ -817,7 +896,10 @@ impl Writer {
         reference: &str,
     ) -> Result<Result<String, FhirError>, StoreError> {
         let Some((resource_type, query_string)) = reference.split_once('?') else {
-            return Ok(Err(FhirError::bad_request("invalid", "not a conditional reference")));
+            return Ok(Err(FhirError::bad_request(
+                "invalid",
+                "not a conditional reference",
+            )));
         };
         let pairs: Vec<(String, String)> = match serde_urlencoded::from_str(query_string) {
             Ok(pairs) => pairs,
@@ -857,7 +939,10 @@ impl Writer {
     ) -> Result<ResourceVersion, StoreError> {
         let key = resource_key(resource_type, id);
         let bytes = record::encode(change, version, at, &body);
-        tables.current.insert(key.as_str(), bytes.as_slice()).map_err(backend)?;
+        tables
+            .current
+            .insert(key.as_str(), bytes.as_slice())
+            .map_err(backend)?;
         tables
             .history
             .insert((key.as_str(), version), bytes.as_slice())
@@ -908,8 +993,15 @@ fn is_conditional_reference(reference: &str) -> bool {
         && !reference.starts_with("urn:")
 }
 
-fn version_mismatch(resource_type: &str, id: &str, expected: u64, actual: Option<u64>) -> FhirError {
-    let actual = actual.map_or("none (the resource does not exist)".to_string(), |v| v.to_string());
+fn version_mismatch(
+    resource_type: &str,
+    id: &str,
+    expected: u64,
+    actual: Option<u64>,
+) -> FhirError {
+    let actual = actual.map_or("none (the resource does not exist)".to_string(), |v| {
+        v.to_string()
+    });
     FhirError::precondition_failed(format!(
         "If-Match expected version {expected} of {resource_type}/{id}, current version is {actual}"
     ))

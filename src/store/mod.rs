@@ -114,7 +114,11 @@ pub struct Page {
 #[async_trait::async_trait]
 pub trait Store: Send + Sync + 'static {
     /// The current version of `Type/id`, including a deletion tombstone.
-    async fn read(&self, resource_type: &str, id: &str) -> Result<Option<ResourceVersion>, StoreError>;
+    async fn read(
+        &self,
+        resource_type: &str,
+        id: &str,
+    ) -> Result<Option<ResourceVersion>, StoreError>;
 
     /// One specific version.
     async fn vread(
@@ -144,7 +148,11 @@ pub trait Store: Send + Sync + 'static {
 
     /// Applies `mutations` durably. When `atomic`, all succeed or none is written and the error
     /// names the failing entry's index; otherwise each succeeds or fails on its own.
-    async fn write(&self, mutations: Vec<Mutation>, atomic: bool) -> Result<WriteResult, StoreError>;
+    async fn write(
+        &self,
+        mutations: Vec<Mutation>,
+        atomic: bool,
+    ) -> Result<WriteResult, StoreError>;
 
     /// Whether the store is open and serving.
     fn is_ready(&self) -> bool;

@@ -30,7 +30,10 @@ pub(super) fn encode(change: ChangeKind, version: u64, last_updated: i64, body: 
 
 pub(super) fn header(bytes: &[u8]) -> Result<Header, StoreError> {
     if bytes.len() < HEADER {
-        return Err(StoreError::Corrupt(format!("record of {} bytes", bytes.len())));
+        return Err(StoreError::Corrupt(format!(
+            "record of {} bytes",
+            bytes.len()
+        )));
     }
     let change = match bytes[0] {
         0 => ChangeKind::Create,
@@ -53,7 +56,11 @@ pub(super) fn body(bytes: &[u8]) -> &[u8] {
     bytes.get(HEADER..).unwrap_or_default()
 }
 
-pub(super) fn decode(resource_type: &str, id: &str, bytes: &[u8]) -> Result<ResourceVersion, StoreError> {
+pub(super) fn decode(
+    resource_type: &str,
+    id: &str,
+    bytes: &[u8],
+) -> Result<ResourceVersion, StoreError> {
     let h = header(bytes)?;
     Ok(ResourceVersion {
         resource_type: resource_type.to_owned(),
@@ -73,7 +80,10 @@ mod tests {
     fn round_trip() {
         let bytes = encode(ChangeKind::Update, 7, -5, b"{}");
         let rv = decode("Patient", "a", &bytes).expect("decodes");
-        assert_eq!((rv.version, rv.last_updated, rv.change), (7, -5, ChangeKind::Update));
+        assert_eq!(
+            (rv.version, rv.last_updated, rv.change),
+            (7, -5, ChangeKind::Update)
+        );
         assert_eq!(&rv.body[..], b"{}");
         assert!(header(&bytes[..5]).is_err());
     }

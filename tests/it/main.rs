@@ -1,0 +1,14 @@
+//! Integration tests: the real server on a random port, exercised over HTTP as clients see it.
+
+mod helpers;
+
+mod bad_input;
+mod client;
+mod conformance;
+mod durability;
+mod examples;
+mod ops;
+mod rest;
+mod search;
+mod synthea;
+mod transaction;
