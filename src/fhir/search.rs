@@ -235,28 +235,25 @@ impl SearchRegistry {
     }
 
     /// The index keys `resource` contributes: `{param}\u{1f}{key}` for every token and
-    /// reference value. The store pairs them with the type and id.
+    /// reference value. The store pairs them with the type and id. Keys put the most selective
+    /// part first (`t:{code}|{system}`, `r:{id}|{Type}`), so one key per value also answers the
+    /// "any system" and "any type" forms by prefix.
     pub fn index_keys(&self, resource_type: &str, resource: &Value) -> Vec<String> {
         let mut keys = Vec::new();
         for def in self.params(resource_type) {
             match def.kind {
                 ParamKind::Token => {
                     for (system, code) in tokens(resource, def) {
-                        keys.push(index_key(def.name, &format!("a:{code}")));
-                        match system {
-                            Some(system) => {
-                                keys.push(index_key(def.name, &format!("s:{system}|{code}")))
-                            }
-                            None => keys.push(index_key(def.name, &format!("n:{code}"))),
-                        }
+                        keys.push(token_key(
+                            def.name,
+                            &code,
+                            Some(system.as_deref().unwrap_or("")),
+                        ));
                     }
                 }
                 ParamKind::Reference => {
                     for reference in references(resource, def) {
-                        if let Some((_, id)) = reference.rsplit_once('/') {
-                            keys.push(index_key(def.name, &format!("i:{id}")));
-                        }
-                        keys.push(index_key(def.name, &format!("r:{reference}")));
+                        keys.push(reference_key(def.name, &reference));
                     }
                 }
                 ParamKind::Date => {}
@@ -342,6 +339,21 @@ impl SearchRegistry {
 fn index_key(param: &str, key: &str) -> String {
     let key = key.replace(|c: char| c.is_control(), " ");
     format!("{param}\u{1f}{key}")
+}
+
+/// `t:{code}|{system}`; with `system` `None`, the prefix that matches the code in any system.
+/// A `|` or `\` inside a code is escaped so the separator stays unambiguous.
+fn token_key(param: &str, code: &str, system: Option<&str>) -> String {
+    let code = code.replace('\\', "\\\\").replace('|', "\\|");
+    index_key(param, &format!("t:{code}|{}", system.unwrap_or_default()))
+}
+
+/// `r:{id}|{Type}` for `Type/id` (other reference forms are kept whole).
+fn reference_key(param: &str, reference: &str) -> String {
+    match reference.rsplit_once('/') {
+        Some((rt, id)) if !rt.contains('/') => index_key(param, &format!("r:{id}|{rt}")),
+        _ => index_key(param, &format!("r:{reference}|")),
+    }
 }
 
 fn parse_usize(name: &str, value: &str) -> Result<usize, FhirError> {
@@ -522,12 +534,14 @@ fn parse_date_value(name: &str, value: &str) -> Result<DateValue, FhirError> {
                 "sa" => Prefix::Sa,
                 "eb" => Prefix::Eb,
                 "ap" => Prefix::Ap,
-                other => return Err(bad_value(
-                    name,
-                    &format!(
+                other => {
+                    return Err(bad_value(
+                        name,
+                        &format!(
                         "unknown prefix '{other}' (expected eq, ne, gt, lt, ge, le, sa, eb or ap)"
                     ),
-                )),
+                    ))
+                }
             };
             (prefix, &value[2..])
         } else {
@@ -655,33 +669,22 @@ impl Clause {
                 def,
                 values,
                 negate: false,
-            } => Some(
-                values
-                    .iter()
-                    .map(|t| match (&t.system, &t.code) {
-                        (None, Some(code)) => {
-                            Probe::Exact(index_key(def.name, &format!("a:{code}")))
-                        }
-                        (Some(s), Some(code)) if s.is_empty() => {
-                            Probe::Exact(index_key(def.name, &format!("n:{code}")))
-                        }
-                        (Some(s), Some(code)) => {
-                            Probe::Exact(index_key(def.name, &format!("s:{s}|{code}")))
-                        }
-                        (Some(s), None) => Probe::Prefix(index_key(def.name, &format!("s:{s}|"))),
-                        (None, None) => Probe::Prefix(index_key(def.name, "a:")),
-                    })
-                    .collect(),
-            ),
+            } => values
+                .iter()
+                .map(|t| match (&t.system, &t.code) {
+                    (None, Some(code)) => Some(Probe::Prefix(token_key(def.name, code, None))),
+                    (Some(s), Some(code)) => Some(Probe::Exact(token_key(def.name, code, Some(s)))),
+                    // "Any code in this system" is not in the key order; check each resource.
+                    (_, None) => None,
+                })
+                .collect(),
             ClauseKind::Reference { def, values } => Some(
                 values
                     .iter()
                     .map(|r| match r {
-                        ReferenceValue::Exact(r) => {
-                            Probe::Exact(index_key(def.name, &format!("r:{r}")))
-                        }
+                        ReferenceValue::Exact(r) => Probe::Exact(reference_key(def.name, r)),
                         ReferenceValue::AnyType(id) => {
-                            Probe::Exact(index_key(def.name, &format!("i:{id}")))
+                            Probe::Prefix(index_key(def.name, &format!("r:{id}|")))
                         }
                     })
                     .collect(),
@@ -1049,20 +1052,42 @@ mod tests {
                 "Observation",
                 &pairs(&[
                     ("code", "http://loinc.org|39156-5"),
+                    ("code", "39156-5"),
                     ("patient", "p1"),
                     ("subject", "p1"),
+                    ("subject", "Patient/p1"),
                 ]),
                 true,
             )
             .expect("valid");
         for clause in &query.clauses {
             for probe in clause.probes().expect("indexed") {
-                let Probe::Exact(key) = probe else {
-                    panic!("exact")
+                let found = match &probe {
+                    Probe::Exact(key) => keys.contains(key),
+                    Probe::Prefix(prefix) => keys.iter().any(|k| k.starts_with(prefix.as_str())),
                 };
-                assert!(keys.contains(&key), "{key} not in {keys:?}");
+                assert!(found, "{probe:?} not in {keys:?}");
             }
         }
+        // A code that is a prefix of another does not match it.
+        let other = registry()
+            .parse_query("Observation", &pairs(&[("code", "39156")]), true)
+            .expect("valid");
+        let Some(Probe::Prefix(prefix)) =
+            other.clauses[0].probes().and_then(|p| p.into_iter().next())
+        else {
+            panic!("prefix probe");
+        };
+        assert!(!keys.iter().any(|k| k.starts_with(prefix.as_str())));
+        // System-only tokens are checked per resource.
+        let system_only = registry()
+            .parse_query(
+                "Observation",
+                &pairs(&[("code", "http://loinc.org|")]),
+                true,
+            )
+            .expect("valid");
+        assert!(system_only.clauses[0].probes().is_none());
     }
 
     #[test]

@@ -6,6 +6,7 @@
 //! just that resource type, lazily and cached, whose errors carry the path of the offending
 //! element. That path becomes a FHIRPath `issue.expression` (`Patient.name[0].given[1]`).
 
+use std::borrow::Cow;
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, RwLock};
 
@@ -34,7 +35,11 @@ pub enum SchemaError {
 
 /// Validates resources against the R4 schema and knows which resource types exist.
 pub struct SchemaValidator {
-    schema: Value,
+    /// The schema text; parsed again only to compile a per-type explainer, so the parsed tree
+    /// (tens of MB) is not kept for the life of the process.
+    source: Cow<'static, str>,
+    /// Element names of each resource type.
+    elements: HashMap<String, BTreeSet<String>>,
     whole: jsonschema::Validator,
     resource_types: BTreeSet<String>,
     per_type: RwLock<HashMap<String, Arc<jsonschema::Validator>>>,
@@ -51,12 +56,15 @@ impl std::fmt::Debug for SchemaValidator {
 impl SchemaValidator {
     /// The schema compiled into the binary.
     pub fn bundled() -> Result<Self, SchemaError> {
-        Self::from_json(BUNDLED_SCHEMA)
+        Self::from_source(Cow::Borrowed(BUNDLED_SCHEMA))
     }
 
     pub fn from_json(text: &str) -> Result<Self, SchemaError> {
-        let mut schema: Value = serde_json::from_str(text)?;
-        require_objects(&mut schema);
+        Self::from_source(Cow::Owned(text.to_owned()))
+    }
+
+    fn from_source(source: Cow<'static, str>) -> Result<Self, SchemaError> {
+        let schema = prepare(&source)?;
         let resource_types: BTreeSet<String> = schema["oneOf"]
             .as_array()
             .ok_or(SchemaError::NoResourceList)?
@@ -71,8 +79,19 @@ impl SchemaValidator {
         let whole = jsonschema::draft6::options()
             .build(&schema)
             .map_err(|e| SchemaError::Compile(e.to_string()))?;
+        let elements = resource_types
+            .iter()
+            .map(|rt| {
+                let names = schema["definitions"][rt.as_str()]["properties"]
+                    .as_object()
+                    .map(|p| p.keys().cloned().collect())
+                    .unwrap_or_default();
+                (rt.clone(), names)
+            })
+            .collect();
         Ok(Self {
-            schema,
+            source,
+            elements,
             whole,
             resource_types,
             per_type: RwLock::new(HashMap::new()),
@@ -89,9 +108,9 @@ impl SchemaValidator {
 
     /// Whether resources of `resource_type` have an element called `element` (e.g. `identifier`).
     pub fn has_element(&self, resource_type: &str, element: &str) -> bool {
-        self.schema["definitions"][resource_type]["properties"]
-            .get(element)
-            .is_some()
+        self.elements
+            .get(resource_type)
+            .is_some_and(|names| names.contains(element))
     }
 
     /// Checks `resource` against the schema; on failure the error lists every problem found
@@ -199,7 +218,8 @@ impl SchemaValidator {
         {
             return Ok(v.clone());
         }
-        let mut schema = self.schema.clone();
+        let mut schema = prepare(&self.source)
+            .map_err(|e| FhirError::internal(format!("schema for {resource_type}: {e}")))?;
         if let Some(root) = schema.as_object_mut() {
             root.remove("oneOf");
             root.insert(
@@ -219,19 +239,37 @@ impl SchemaValidator {
     }
 }
 
+/// Parses the schema and readies it for compiling.
+///
 /// The official schema gives complex types (`Quantity`, `CodeableConcept`, …) `properties` but no
-/// `"type": "object"`, so a string where a Quantity belongs passes it. Every definition with
-/// properties describes a JSON object; say so.
-fn require_objects(schema: &mut Value) {
-    let Some(definitions) = schema.get_mut("definitions").and_then(Value::as_object_mut) else {
-        return;
-    };
-    for definition in definitions.values_mut() {
-        if let Some(def) = definition.as_object_mut() {
-            if def.contains_key("properties") && !def.contains_key("type") {
-                def.insert("type".into(), Value::String("object".into()));
+/// `"type": "object"`, so a string where a Quantity belongs passes it; every definition with
+/// properties describes a JSON object, so say so. Descriptions are dropped: they are most of the
+/// text and validation never reads them.
+fn prepare(text: &str) -> Result<Value, SchemaError> {
+    let mut schema: Value = serde_json::from_str(text)?;
+    strip_descriptions(&mut schema);
+    if let Some(definitions) = schema.get_mut("definitions").and_then(Value::as_object_mut) {
+        for definition in definitions.values_mut() {
+            if let Some(def) = definition.as_object_mut() {
+                if def.contains_key("properties") && !def.contains_key("type") {
+                    def.insert("type".into(), Value::String("object".into()));
+                }
             }
         }
+    }
+    Ok(schema)
+}
+
+fn strip_descriptions(value: &mut Value) {
+    match value {
+        Value::Object(map) => {
+            if map.get("description").is_some_and(Value::is_string) {
+                map.remove("description");
+            }
+            map.values_mut().for_each(strip_descriptions);
+        }
+        Value::Array(items) => items.iter_mut().for_each(strip_descriptions),
+        _ => {}
     }
 }
 

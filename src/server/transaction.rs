@@ -69,7 +69,7 @@ pub async fn batch_or_transaction(
     check_accept(&headers, format_param(&pairs))?;
     check_content_type(&headers)?;
     let prefs = RequestPrefs::from_headers(&headers);
-    let bundle = parse_json(&body_bytes(body)?)?;
+    let mut bundle = parse_json(&body_bytes(body)?)?;
     if bundle.get("resourceType").and_then(Value::as_str) != Some("Bundle") {
         return Err(FhirError::bad_request(
             "invalid",
@@ -91,9 +91,9 @@ pub async fn batch_or_transaction(
             .at("Bundle.type"))
         }
     };
-    let entries = match bundle.get("entry") {
-        None => &[][..],
-        Some(Value::Array(entries)) => entries.as_slice(),
+    let entries = match bundle.get_mut("entry").map(Value::take) {
+        None => Vec::new(),
+        Some(Value::Array(entries)) => entries,
         Some(_) => {
             return Err(
                 FhirError::bad_request("structure", "Bundle.entry must be an array")
@@ -101,12 +101,17 @@ pub async fn batch_or_transaction(
             )
         }
     };
+    // Kept to name the resource type in errors once the entries are consumed.
+    let entry_types: Vec<Option<String>> = entries
+        .iter()
+        .map(|e| e["resource"]["resourceType"].as_str().map(str::to_owned))
+        .collect();
 
     let mut responses: Vec<Option<EntryResponse>> = Vec::with_capacity(entries.len());
     let mut writes = Vec::new();
     let mut write_slots = Vec::new();
     let mut reads = Vec::new();
-    for (index, entry) in entries.iter().enumerate() {
+    for (index, entry) in entries.into_iter().enumerate() {
         match plan_entry(&api, index, entry) {
             Ok(EntryRequest::Write(mutation)) => {
                 write_slots.push(index);
@@ -131,8 +136,11 @@ pub async fn batch_or_transaction(
             }
             WriteResult::Aborted { index, error } => {
                 let entry = write_slots.get(index).copied().unwrap_or(index);
-                let resource_type = entries[entry]["resource"]["resourceType"].as_str();
-                return Err(error.within(&format!("Bundle.entry[{entry}].resource"), resource_type));
+                let resource_type = entry_types.get(entry).cloned().flatten();
+                return Err(error.within(
+                    &format!("Bundle.entry[{entry}].resource"),
+                    resource_type.as_deref(),
+                ));
             }
             WriteResult::Each(results) => {
                 for (slot, result) in write_slots.iter().zip(results) {
@@ -225,8 +233,9 @@ fn render_entry(
 }
 
 /// Reads one entry's `request` (and `resource`) into a write or a read.
-fn plan_entry(api: &FhirApi, index: usize, entry: &Value) -> Result<EntryRequest, FhirError> {
+fn plan_entry(api: &FhirApi, index: usize, mut entry: Value) -> Result<EntryRequest, FhirError> {
     let at = |field: &str| format!("Bundle.entry[{index}].{field}");
+    let resource_body = entry.get_mut("resource").map(Value::take);
     let Some(request) = entry.get("request").filter(|r| r.is_object()) else {
         return Err(FhirError::bad_request("required", "entry has no request").at(at("request")));
     };
@@ -267,8 +276,8 @@ fn plan_entry(api: &FhirApi, index: usize, entry: &Value) -> Result<EntryRequest
                 .and_then(|h| parse_etag(&h).map_err(|e| e.at(at("request.ifMatch"))))
         })
         .transpose()?;
-    let resource = |entry: &Value| -> Result<Value, FhirError> {
-        let resource = entry.get("resource").cloned().ok_or_else(|| {
+    let resource = |body: Option<Value>| -> Result<Value, FhirError> {
+        let resource = body.ok_or_else(|| {
             FhirError::bad_request("required", format!("a {method} entry needs a resource"))
                 .at(at("resource"))
         })?;
@@ -292,7 +301,7 @@ fn plan_entry(api: &FhirApi, index: usize, entry: &Value) -> Result<EntryRequest
     let action = match (method, segments.len(), query) {
         ("POST", 1, None) => Action::Create {
             id: None,
-            resource: resource(entry)?,
+            resource: resource(resource_body)?,
             if_none_exist: condition(
                 request
                     .get("ifNoneExist")
@@ -303,7 +312,7 @@ fn plan_entry(api: &FhirApi, index: usize, entry: &Value) -> Result<EntryRequest
         ("PUT", 2, None) => {
             let id = segments[1].to_string();
             check_id(&resource_type, &id).map_err(|e| e.at(at("request.url")))?;
-            let mut resource = resource(entry)?;
+            let mut resource = resource(resource_body)?;
             match resource.get("id").and_then(Value::as_str) {
                 Some(body_id) if body_id != id => {
                     return Err(FhirError::bad_request(
@@ -327,7 +336,7 @@ fn plan_entry(api: &FhirApi, index: usize, entry: &Value) -> Result<EntryRequest
         }
         ("PUT", 1, Some(q)) => Action::ConditionalUpdate {
             query: condition(Some(q))?.ok_or_else(|| url_error("empty condition"))?,
-            resource: resource(entry)?,
+            resource: resource(resource_body)?,
         },
         ("DELETE", 2, None) => {
             let id = segments[1].to_string();

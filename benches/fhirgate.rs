@@ -1,0 +1,225 @@
+//! Criterion benchmarks of the foundation: schema validation, the embedded store, PUT+GET
+//! through the full HTTP stack in-process, and Synthea transaction ingest.
+//!
+//! `cargo bench --bench fhirgate`. Targets (2-core machine): validate a valid Patient ≤ 5 µs;
+//! PUT+GET p50 ≤ 300 µs; Synthea ingest ≥ 5,000 resources/s. Store benchmarks run twice: on
+//! the working disk (every commit is fsynced) and, where present, on tmpfs (`/dev/shm`), which
+//! isolates the server's own cost from the disk's.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use fhirgate::fhir::{SchemaValidator, SearchRegistry};
+use fhirgate::store::{Action, EmbeddedStore, Mutation, Store};
+use serde_json::{json, Value};
+
+fn patient(id: &str) -> Value {
+    json!({
+        "resourceType": "Patient",
+        "id": id,
+        "identifier": [{"system": "urn:bench:mrn", "value": id}],
+        "name": [{"family": "Bench", "given": ["Synthetic"]}],
+        "gender": "female",
+        "birthDate": "1970-01-01",
+        "address": [{"city": "Springfield", "state": "MA"}],
+    })
+}
+
+fn data_dirs() -> Vec<(&'static str, tempfile::TempDir)> {
+    let mut dirs = vec![("disk", tempfile::tempdir().expect("temp dir"))];
+    if Path::new("/dev/shm").is_dir() {
+        if let Ok(dir) = tempfile::tempdir_in("/dev/shm") {
+            dirs.push(("tmpfs", dir));
+        }
+    }
+    dirs
+}
+
+fn validation(c: &mut Criterion) {
+    let validator = SchemaValidator::bundled().expect("schema");
+    let valid = patient("v1");
+    let mut invalid = patient("v2");
+    invalid["gender"] = json!("robot");
+    let _ = validator.validate(&invalid); // compile the per-type explainer once
+    let mut group = c.benchmark_group("validate");
+    group.bench_function("patient_valid", |b| {
+        b.iter(|| {
+            validator
+                .validate(std::hint::black_box(&valid))
+                .expect("valid")
+        })
+    });
+    group.bench_function("patient_invalid_explained", |b| {
+        b.iter(|| {
+            validator
+                .validate(std::hint::black_box(&invalid))
+                .expect_err("invalid")
+        })
+    });
+    group.finish();
+}
+
+fn store(c: &mut Criterion) {
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let registry = Arc::new(SearchRegistry::new(
+        &SchemaValidator::bundled().expect("schema"),
+    ));
+    let mut group = c.benchmark_group("store");
+    for (medium, dir) in data_dirs() {
+        let store = EmbeddedStore::open(dir.path(), registry.clone()).expect("store");
+        let mut n = 0u64;
+        group.bench_function(BenchmarkId::new("put_then_get", medium), |b| {
+            b.to_async(&runtime).iter(|| {
+                n += 1;
+                let id = format!("p{}", n % 1000);
+                let store = &store;
+                async move {
+                    store
+                        .write(
+                            vec![Mutation {
+                                resource_type: "Patient".into(),
+                                action: Action::Update {
+                                    id: id.clone(),
+                                    resource: patient(&id),
+                                    if_match: None,
+                                },
+                                full_url: None,
+                            }],
+                            true,
+                        )
+                        .await
+                        .expect("write");
+                    store
+                        .read("Patient", &id)
+                        .await
+                        .expect("read")
+                        .expect("found");
+                }
+            })
+        });
+        runtime.block_on(store.close());
+    }
+    group.finish();
+}
+
+struct Server {
+    base: String,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    _dir: tempfile::TempDir,
+}
+
+fn start_server(runtime: &tokio::runtime::Runtime, dir: tempfile::TempDir) -> Server {
+    let mut config = fhirgate::config::Config::default();
+    config.store.data_dir = dir.path().to_path_buf();
+    let listener = runtime
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .expect("bind");
+    let base = format!("http://{}/fhir", listener.local_addr().expect("addr"));
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    runtime.spawn(fhirgate::run(listener, config, async move {
+        let _ = rx.await;
+    }));
+    Server {
+        base,
+        shutdown: Some(tx),
+        _dir: dir,
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+fn http_put_get(c: &mut Criterion) {
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let client = reqwest::Client::new();
+    let mut group = c.benchmark_group("http");
+    for (medium, dir) in data_dirs() {
+        let server = start_server(&runtime, dir);
+        let body = serde_json::to_vec(&patient("h1")).expect("json");
+        let mut n = 0u64;
+        group.bench_function(BenchmarkId::new("put_then_get_patient", medium), |b| {
+            b.to_async(&runtime).iter(|| {
+                n += 1;
+                let id = format!("h{}", n % 1000);
+                let mut resource = patient(&id);
+                resource["id"] = json!(id);
+                let body = serde_json::to_vec(&resource).unwrap_or_else(|_| body.clone());
+                let url = format!("{}/Patient/{id}", server.base);
+                let client = &client;
+                async move {
+                    let put = client
+                        .put(&url)
+                        .header("content-type", "application/fhir+json")
+                        .body(body)
+                        .send()
+                        .await
+                        .expect("put");
+                    assert!(put.status().is_success());
+                    let _ = put.bytes().await;
+                    let get = client.get(&url).send().await.expect("get");
+                    assert!(get.status().is_success());
+                    let _ = get.bytes().await;
+                }
+            })
+        });
+    }
+    group.finish();
+}
+
+fn synthea_bundle() -> (Vec<u8>, u64) {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/synthea");
+    let mut paths: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .expect("synthea")
+        .map(|e| e.expect("entry").path())
+        .collect();
+    paths.sort();
+    // The largest bundle, as a realistic batch.
+    let path = paths
+        .into_iter()
+        .max_by_key(|p| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0))
+        .expect("a bundle");
+    let bytes = std::fs::read(&path).expect("read");
+    let bundle: Value = serde_json::from_slice(&bytes).expect("json");
+    let entries = bundle["entry"].as_array().map_or(0, Vec::len) as u64;
+    (bytes, entries)
+}
+
+fn ingest(c: &mut Criterion) {
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let client = reqwest::Client::new();
+    let (bundle, entries) = synthea_bundle();
+    let mut group = c.benchmark_group("ingest");
+    group.sample_size(20);
+    group.throughput(Throughput::Elements(entries));
+    for (medium, dir) in data_dirs() {
+        let server = start_server(&runtime, dir);
+        group.bench_function(BenchmarkId::new("synthea_transaction", medium), |b| {
+            b.to_async(&runtime).iter(|| {
+                let client = &client;
+                let url = server.base.clone();
+                let body = bundle.clone();
+                async move {
+                    let r = client
+                        .post(&url)
+                        .header("content-type", "application/fhir+json")
+                        .body(body)
+                        .send()
+                        .await
+                        .expect("post");
+                    assert!(r.status().is_success());
+                    let _ = r.bytes().await;
+                }
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, validation, store, http_put_get, ingest);
+criterion_main!(benches);
