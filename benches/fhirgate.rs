@@ -67,7 +67,12 @@ fn store(c: &mut Criterion) {
     ));
     let mut group = c.benchmark_group("store");
     for (medium, dir) in data_dirs() {
-        let store = EmbeddedStore::open(dir.path(), registry.clone()).expect("store");
+        let store = EmbeddedStore::open(
+            dir.path(),
+            registry.clone(),
+            std::time::Duration::from_secs(30),
+        )
+        .expect("store");
         let mut n = 0u64;
         group.bench_function(BenchmarkId::new("put_then_get", medium), |b| {
             b.to_async(&runtime).iter(|| {
@@ -135,6 +140,47 @@ impl Drop for Server {
     }
 }
 
+/// PUT then GET through the router and its whole middleware stack, in-process (no socket).
+fn router_put_get(c: &mut Criterion) {
+    use tower::ServiceExt;
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let mut group = c.benchmark_group("router");
+    for (medium, dir) in data_dirs() {
+        let mut config = fhirgate::config::Config::default();
+        config.store.data_dir = dir.path().to_path_buf();
+        let app = runtime
+            .block_on(async { fhirgate::App::build(&config, "http://bench") })
+            .expect("app");
+        let mut n = 0u64;
+        group.bench_function(BenchmarkId::new("put_then_get_patient", medium), |b| {
+            b.to_async(&runtime).iter(|| {
+                n += 1;
+                let id = format!("r{}", n % 1000);
+                let body = serde_json::to_vec(&patient(&id)).expect("json");
+                let router = app.router.clone();
+                async move {
+                    let put = http::Request::put(format!("/fhir/Patient/{id}"))
+                        .header("content-type", "application/fhir+json")
+                        .body(axum::body::Body::from(body))
+                        .expect("request");
+                    let response = router.clone().oneshot(put).await.expect("put");
+                    assert!(response.status().is_success());
+                    let _ = axum::body::to_bytes(response.into_body(), usize::MAX).await;
+                    let get = http::Request::get(format!("/fhir/Patient/{id}"))
+                        .body(axum::body::Body::empty())
+                        .expect("request");
+                    let response = router.oneshot(get).await.expect("get");
+                    assert!(response.status().is_success());
+                    let _ = axum::body::to_bytes(response.into_body(), usize::MAX).await;
+                }
+            })
+        });
+        runtime.block_on(app.store.close());
+    }
+    group.finish();
+}
+
+/// PUT then GET over loopback TCP with a pooled client, for comparison with the in-process path.
 fn http_put_get(c: &mut Criterion) {
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
     let client = reqwest::Client::new();
@@ -221,5 +267,12 @@ fn ingest(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, validation, store, http_put_get, ingest);
+criterion_group!(
+    benches,
+    validation,
+    store,
+    router_put_get,
+    http_put_get,
+    ingest
+);
 criterion_main!(benches);

@@ -24,6 +24,48 @@ use crate::fhir::{SchemaValidator, SearchRegistry};
 use crate::server::FhirApi;
 use crate::store::{EmbeddedStore, Store};
 
+/// The assembled application: the HTTP router with its middleware, and the store it serves.
+pub struct App {
+    pub router: axum::Router,
+    pub store: Arc<dyn Store>,
+}
+
+impl App {
+    /// Loads the schema, opens the store and builds the router. `public_base` is the URL
+    /// clients use to reach the server (`http://host:port`).
+    pub fn build(config: &Config, public_base: &str) -> anyhow::Result<Self> {
+        let schema = Arc::new(match &config.fhir.schema_path {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("reading schema {}", path.display()))?;
+                SchemaValidator::from_json(&text)?
+            }
+            None => SchemaValidator::bundled()?,
+        });
+        let search = Arc::new(SearchRegistry::new(&schema));
+        let store: Arc<dyn Store> = Arc::new(
+            EmbeddedStore::open(
+                &config.store.data_dir,
+                search.clone(),
+                config.server.request_timeout(),
+            )
+            .with_context(|| format!("opening the store in {}", config.store.data_dir.display()))?,
+        );
+        let fhir = Arc::new(FhirApi::new(
+            store.clone(),
+            schema,
+            search,
+            config.fhir.clone(),
+            public_base,
+        ));
+        let routes = server::router(fhir).merge(http::ops_router(store.clone()));
+        Ok(Self {
+            router: http::app(routes, &config.server),
+            store,
+        })
+    }
+}
+
 /// Runs the server on `listener` until `shutdown` resolves, then drains in-flight requests and
 /// closes the store cleanly.
 pub async fn run<F>(listener: TcpListener, config: Config, shutdown: F) -> anyhow::Result<()>
@@ -36,31 +78,7 @@ where
         Some(url) => url.trim_end_matches('/').to_owned(),
         None => format!("http://{local}"),
     };
-
-    let schema = Arc::new(match &config.fhir.schema_path {
-        Some(path) => {
-            let text = std::fs::read_to_string(path)
-                .with_context(|| format!("reading schema {}", path.display()))?;
-            SchemaValidator::from_json(&text)?
-        }
-        None => SchemaValidator::bundled()?,
-    });
-    let search = Arc::new(SearchRegistry::new(&schema));
-    let store: Arc<dyn Store> = Arc::new(
-        EmbeddedStore::open(&config.store.data_dir, search.clone())
-            .with_context(|| format!("opening the store in {}", config.store.data_dir.display()))?,
-    );
-
-    let fhir = Arc::new(FhirApi::new(
-        store.clone(),
-        schema,
-        search,
-        config.fhir.clone(),
-        &public_base,
-    ));
-    let routes = server::router(fhir).merge(http::ops_router(store.clone()));
-    let app = http::app(routes, &config.server);
-
+    let app = App::build(&config, &public_base)?;
     tracing::info!(
         address = %local,
         data_dir = %config.store.data_dir.display(),
@@ -71,12 +89,12 @@ where
     let listener = http::CappedListener::new(listener, config.server.max_connections);
     let served = http::serve(
         listener,
-        app,
+        app.router,
         shutdown,
         Duration::from_secs(config.server.shutdown_grace_secs),
     )
     .await;
-    store.close().await;
+    app.store.close().await;
     tracing::info!("store closed; bye");
     served.context("serving HTTP")
 }

@@ -335,6 +335,43 @@ impl SearchRegistry {
     }
 }
 
+impl SearchRegistry {
+    /// Parses the search that selects the target of a conditional create, update or reference.
+    ///
+    /// Stricter than a search: unknown parameters, empty values and result parameters (`_count`,
+    /// `_sort`, …) are refused, and at least one filter is required, because a condition that
+    /// filters nothing would select (and overwrite) whatever happens to be stored.
+    pub fn parse_condition(
+        &self,
+        resource_type: &str,
+        pairs: &[(String, String)],
+    ) -> Result<SearchQuery, FhirError> {
+        let condition_error = |why: String| {
+            FhirError::new(
+                StatusCode::BAD_REQUEST,
+                Issue::error("invalid", format!("condition: {why}")),
+            )
+        };
+        for (name, value) in pairs {
+            if name.starts_with('_') && !matches!(name.as_str(), "_id" | "_lastUpdated") {
+                return Err(condition_error(format!(
+                    "'{name}' cannot be part of a condition"
+                )));
+            }
+            if value.is_empty() {
+                return Err(condition_error(format!("'{name}' has no value")));
+            }
+        }
+        let query = self.parse_query(resource_type, pairs, true)?;
+        if query.clauses.is_empty() {
+            return Err(condition_error(
+                "at least one search parameter is required".into(),
+            ));
+        }
+        Ok(query)
+    }
+}
+
 /// `param␟key`, with control characters blanked so keys stay one line and split cleanly.
 fn index_key(param: &str, key: &str) -> String {
     let key = key.replace(|c: char| c.is_control(), " ");
@@ -1069,6 +1106,16 @@ mod tests {
                 assert!(found, "{probe:?} not in {keys:?}");
             }
         }
+        // Conditions must filter something.
+        for bad in [&[("identifier", "")][..], &[("_count", "1")], &[]] {
+            assert!(
+                registry().parse_condition("Patient", &pairs(bad)).is_err(),
+                "{bad:?}"
+            );
+        }
+        assert!(registry()
+            .parse_condition("Patient", &pairs(&[("identifier", "a|b")]))
+            .is_ok());
         // A code that is a prefix of another does not match it.
         let other = registry()
             .parse_query("Observation", &pairs(&[("code", "39156")]), true)

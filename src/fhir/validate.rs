@@ -5,6 +5,8 @@
 //! errors only say "matches none". So a failure is explained by a second validator compiled for
 //! just that resource type, lazily and cached, whose errors carry the path of the offending
 //! element. That path becomes a FHIRPath `issue.expression` (`Patient.name[0].given[1]`).
+//! Explainers leave nested resources out (each is explained on its own), which keeps them small,
+//! and only a bounded number stay compiled.
 
 use std::borrow::Cow;
 use std::collections::{BTreeSet, HashMap};
@@ -21,6 +23,9 @@ pub const BUNDLED_SCHEMA: &str = include_str!("../../profiles/fhir.schema.json")
 
 /// Most issues reported for one resource; more only repeat the lesson.
 const MAX_ISSUES: usize = 20;
+
+/// Most per-type explainers kept compiled at once.
+const MAX_EXPLAINERS: usize = 24;
 
 /// Errors while loading the schema itself (startup only).
 #[derive(Debug, thiserror::Error)]
@@ -116,12 +121,31 @@ impl SchemaValidator {
     /// Checks `resource` against the schema; on failure the error lists every problem found
     /// (up to a limit) with its FHIRPath.
     pub fn validate(&self, resource: &Value) -> Result<(), FhirError> {
-        let resource_type = check_resource_type(self, resource)?;
-        if self.whole.is_valid(resource) {
-            return Ok(());
+        check_resource_type(self, resource)?;
+        if self.is_valid(resource) {
+            Ok(())
+        } else {
+            Err(self.explain(resource))
         }
+    }
+
+    /// The fast check: about a microsecond for a typical resource.
+    pub fn is_valid(&self, resource: &Value) -> bool {
+        self.whole.is_valid(resource)
+    }
+
+    /// Explains why `resource` (which failed [`Self::is_valid`]) is invalid. The first failure of
+    /// a resource type compiles that type's explainer (tens of milliseconds), so call this off
+    /// the async workers.
+    pub fn explain(&self, resource: &Value) -> FhirError {
+        let resource_type = match check_resource_type(self, resource) {
+            Ok(rt) => rt,
+            Err(e) => return e,
+        };
         let mut issues = Vec::new();
-        self.explain(resource_type, resource, resource_type, &mut issues)?;
+        if let Err(e) = self.explain_into(resource_type, resource, resource_type, &mut issues) {
+            return e;
+        }
         if issues.is_empty() {
             issues.push(
                 Issue::error(
@@ -140,13 +164,13 @@ impl SchemaValidator {
         } else {
             StatusCode::UNPROCESSABLE_ENTITY
         };
-        Err(FhirError::with_issues(status, issues))
+        FhirError::with_issues(status, issues)
     }
 
     /// Collects the precise errors for `resource` (of `resource_type`), with expressions rooted at
-    /// `prefix`. Resources nested in `contained` or Bundle entries are explained recursively, since
-    /// the schema reaches them through another `oneOf`.
-    fn explain(
+    /// `prefix`. Nested resources (`contained`, Bundle entries, Parameters) are not part of a
+    /// type's explainer; each invalid one is explained on its own, with its path.
+    fn explain_into(
         &self,
         resource_type: &str,
         resource: &Value,
@@ -156,7 +180,7 @@ impl SchemaValidator {
         let validator = self.type_validator(resource_type)?;
         for error in validator.iter_errors(resource) {
             if issues.len() >= MAX_ISSUES {
-                break;
+                return Ok(());
             }
             let segments = pointer_segments(error.instance_path().as_str());
             let path = fhirpath(prefix, &segments);
@@ -176,24 +200,6 @@ impl SchemaValidator {
                             .at(format!("{path}.{name}")),
                     );
                 }
-                ValidationErrorKind::OneOfNotValid { .. } => {
-                    let nested = lookup(resource, &segments);
-                    let nested_type = nested
-                        .and_then(|n| n.get("resourceType"))
-                        .and_then(Value::as_str);
-                    match (nested, nested_type) {
-                        (Some(nested), Some(t)) if self.is_resource_type(t) => {
-                            self.explain(t, nested, &path, issues)?;
-                        }
-                        (_, Some(t)) => issues.push(
-                            Issue::error("structure", format!("unknown resource type '{t}'"))
-                                .at(format!("{path}.resourceType")),
-                        ),
-                        _ => issues.push(
-                            Issue::error("structure", "not a valid nested resource").at(path),
-                        ),
-                    }
-                }
                 kind => {
                     let code = match kind {
                         ValidationErrorKind::Type { .. }
@@ -204,6 +210,24 @@ impl SchemaValidator {
                     };
                     issues.push(Issue::error(code, error.masked().to_string()).at(path));
                 }
+            }
+        }
+        let mut nested = Vec::new();
+        nested_resources(resource, &mut Vec::new(), &mut nested);
+        for (segments, inner) in nested {
+            if issues.len() >= MAX_ISSUES || self.whole.is_valid(inner) {
+                continue;
+            }
+            let path = fhirpath(prefix, &segments);
+            match inner.get("resourceType").and_then(Value::as_str) {
+                Some(t) if self.is_resource_type(t) => {
+                    self.explain_into(t, inner, &path, issues)?
+                }
+                Some(t) => issues.push(
+                    Issue::error("structure", format!("unknown resource type '{t}'"))
+                        .at(format!("{path}.resourceType")),
+                ),
+                None => {}
             }
         }
         Ok(())
@@ -227,15 +251,72 @@ impl SchemaValidator {
                 Value::String(format!("#/definitions/{resource_type}")),
             );
         }
+        // Nested resources are explained one by one (see `explain_into`); leaving them out keeps
+        // each explainer to the definitions its own type reaches, a few MB instead of all 146.
+        if let Some(list) = schema.pointer_mut("/definitions/ResourceList") {
+            *list = serde_json::json!({"type": "object", "required": ["resourceType"]});
+        }
         let compiled = jsonschema::draft6::options()
             .build(&schema)
             .map_err(|e| FhirError::internal(format!("schema for {resource_type}: {e}")))?;
         let compiled = Arc::new(compiled);
-        self.per_type
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(resource_type.to_owned(), compiled.clone());
+        let mut cache = self.per_type.write().unwrap_or_else(|p| p.into_inner());
+        if cache.len() >= MAX_EXPLAINERS {
+            // Invalid input of many types cannot grow memory without bound; any entry will do.
+            if let Some(victim) = cache.keys().next().cloned() {
+                cache.remove(&victim);
+            }
+        }
+        cache.insert(resource_type.to_owned(), compiled.clone());
         Ok(compiled)
+    }
+}
+
+/// Elements whose type is `Resource` in R4: `contained`, `Bundle.entry.resource`,
+/// `Bundle.entry.response.outcome` and `Parameters.parameter[.part].resource`. (Other elements
+/// may be called `resourceType`, e.g. `ExampleScenario.instance.resourceType`, so the key alone
+/// does not make an object a resource.)
+const RESOURCE_ELEMENTS: [&str; 3] = ["contained", "resource", "outcome"];
+
+/// Resources nested in `value` at resource-typed elements, without descending into them: each
+/// explains its own nested ones.
+fn nested_resources<'a>(
+    value: &'a Value,
+    path: &mut Vec<String>,
+    out: &mut Vec<(Vec<String>, &'a Value)>,
+) {
+    let is_resource = |v: &Value| v.get("resourceType").is_some_and(Value::is_string);
+    match value {
+        Value::Object(map) => {
+            for (key, child) in map {
+                path.push(key.clone());
+                let typed = RESOURCE_ELEMENTS.contains(&key.as_str());
+                match child {
+                    Value::Array(items) => {
+                        for (i, item) in items.iter().enumerate() {
+                            path.push(i.to_string());
+                            if typed && is_resource(item) {
+                                out.push((path.clone(), item));
+                            } else {
+                                nested_resources(item, path, out);
+                            }
+                            path.pop();
+                        }
+                    }
+                    _ if typed && is_resource(child) => out.push((path.clone(), child)),
+                    _ => nested_resources(child, path, out),
+                }
+                path.pop();
+            }
+        }
+        Value::Array(items) => {
+            for (i, item) in items.iter().enumerate() {
+                path.push(i.to_string());
+                nested_resources(item, path, out);
+                path.pop();
+            }
+        }
+        _ => {}
     }
 }
 
@@ -337,17 +418,6 @@ fn fhirpath(prefix: &str, segments: &[String]) -> String {
     out
 }
 
-fn lookup<'a>(mut value: &'a Value, segments: &[String]) -> Option<&'a Value> {
-    for segment in segments {
-        value = match value {
-            Value::Array(items) => items.get(segment.parse::<usize>().ok()?)?,
-            Value::Object(map) => map.get(segment)?,
-            _ => return None,
-        };
-    }
-    Some(value)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -420,6 +490,39 @@ mod tests {
             err.issues[0].expression,
             vec!["Observation.contained[0].gender"]
         );
+    }
+
+    #[test]
+    fn bundle_entries_are_explained_with_their_path() {
+        let b = json!({"resourceType":"Bundle","type":"collection","entry":[
+            {"resource":{"resourceType":"Patient","id":"ok"}},
+            {"resource":{"resourceType":"Observation","status":"final","code":{"text":"x"},"valueQuantity":"heavy"}}]});
+        let err = validator().validate(&b).expect_err("invalid");
+        assert_eq!(
+            err.issues[0].expression,
+            vec!["Bundle.entry[1].resource.valueQuantity"]
+        );
+    }
+
+    #[test]
+    fn explainers_are_bounded() {
+        let v = SchemaValidator::bundled().expect("schema");
+        for rt in v
+            .resource_types()
+            .take(MAX_EXPLAINERS + 5)
+            .map(str::to_owned)
+            .collect::<Vec<_>>()
+        {
+            let err = v
+                .validate(&json!({"resourceType": rt, "bogus": 1}))
+                .expect_err("invalid");
+            let want = format!("{rt}.bogus");
+            assert!(
+                err.issues.iter().any(|i| i.expression == [want.clone()]),
+                "{want}: {err:?}"
+            );
+        }
+        assert!(v.per_type.read().expect("lock").len() <= MAX_EXPLAINERS);
     }
 
     #[test]

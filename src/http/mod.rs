@@ -2,7 +2,7 @@
 //!
 //! All middleware is assembled in [`app`], so the order is visible in one place. From the
 //! outside in: request id → trace log → metrics → bare errors as OperationOutcome → panic
-//! guard → timeout → body limit → handler.
+//! guard → time limit on reads → body limit → handler.
 
 mod listener;
 pub mod ops;
@@ -20,7 +20,6 @@ use http::{header, HeaderName, StatusCode};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
-use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
 
 pub use listener::CappedListener;
@@ -58,9 +57,9 @@ pub fn metrics_handle() -> PrometheusHandle {
 pub fn app(routes: Router, config: &ServerConfig) -> Router {
     routes
         .layer(DefaultBodyLimit::max(config.max_body_bytes))
-        .layer(TimeoutLayer::with_status_code(
-            StatusCode::SERVICE_UNAVAILABLE,
+        .layer(middleware::from_fn_with_state(
             config.request_timeout(),
+            time_limit_reads,
         ))
         .layer(CatchPanicLayer::custom(panic_response))
         .layer(middleware::map_response(bare_errors_as_outcomes))
@@ -96,16 +95,46 @@ pub fn app(routes: Router, config: &ServerConfig) -> Router {
         .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
 }
 
+/// Bounds the time of reads (`GET`, `HEAD`). Writes are not cut off: once queued, a write is
+/// either applied and answered, or refused unapplied by the store's own queue deadline, so a
+/// client never gets a timeout for a write that in fact happened.
+async fn time_limit_reads(
+    axum::extract::State(limit): axum::extract::State<Duration>,
+    request: Request,
+    next: Next,
+) -> Response {
+    if !matches!(*request.method(), http::Method::GET | http::Method::HEAD) {
+        return next.run(request).await;
+    }
+    match tokio::time::timeout(limit, next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => json_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &operation_outcome(&[Issue::error("timeout", "the request took too long")]),
+        ),
+    }
+}
+
 async fn record_metrics(request: Request, next: Next) -> Response {
     let route = request
         .extensions()
         .get::<MatchedPath>()
         .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
-    let method = request.method().as_str().to_owned();
+    // Only standard methods become label values, so clients cannot mint new series.
+    let method = match *request.method() {
+        http::Method::GET => "GET",
+        http::Method::POST => "POST",
+        http::Method::PUT => "PUT",
+        http::Method::DELETE => "DELETE",
+        http::Method::PATCH => "PATCH",
+        http::Method::HEAD => "HEAD",
+        http::Method::OPTIONS => "OPTIONS",
+        _ => "other",
+    };
     let started = Instant::now();
     let response = next.run(request).await;
     let status = response.status().as_u16().to_string();
-    metrics::counter!("fhirgate_http_requests_total", "method" => method.clone(), "route" => route.clone(), "status" => status)
+    metrics::counter!("fhirgate_http_requests_total", "method" => method, "route" => route.clone(), "status" => status)
         .increment(1);
     metrics::histogram!("fhirgate_http_request_duration_seconds", "method" => method, "route" => route)
         .record(started.elapsed().as_secs_f64());

@@ -52,9 +52,14 @@ impl FhirApi {
     }
 
     /// Checks a resource before it is stored: known type, the one the URL names, and (unless
-    /// validation is off) the R4 schema.
-    pub fn check_resource(&self, resource: &Value, expected_type: &str) -> Result<(), FhirError> {
-        let actual = crate::fhir::validate::check_resource_type(&self.schema, resource)?;
+    /// validation is off) the R4 schema. Explaining a failure may compile a validator, so that
+    /// part runs on the blocking pool, not on an async worker.
+    pub async fn check_resource(
+        &self,
+        resource: Value,
+        expected_type: &str,
+    ) -> Result<Value, FhirError> {
+        let actual = crate::fhir::validate::check_resource_type(&self.schema, &resource)?;
         if actual != expected_type {
             return Err(FhirError::bad_request(
                 "invalid",
@@ -62,10 +67,14 @@ impl FhirApi {
             )
             .at("resourceType"));
         }
-        if self.config.validate {
-            self.schema.validate(resource)?;
+        if self.config.validate && !self.schema.is_valid(&resource) {
+            let schema = self.schema.clone();
+            let error = tokio::task::spawn_blocking(move || schema.explain(&resource))
+                .await
+                .map_err(|_| FhirError::internal("validation did not complete"))?;
+            return Err(error);
         }
-        Ok(())
+        Ok(resource)
     }
 
     /// 404 for a resource type that FHIR R4 does not define.

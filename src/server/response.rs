@@ -29,6 +29,13 @@ pub fn store_error(e: StoreError) -> FhirError {
             StatusCode::SERVICE_UNAVAILABLE,
             Issue::error("transient", "the store is shutting down; retry"),
         ),
+        StoreError::Expired => FhirError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            Issue::error(
+                "transient",
+                "the server was too busy to apply the write in time; nothing was stored, retry",
+            ),
+        ),
         other => {
             tracing::error!(error = %other, "store failure");
             FhirError::internal("the server could not access its store")
@@ -191,7 +198,10 @@ pub fn version_headers(response: &mut Response, rv: &ResourceVersion, location: 
     }
     if let Some(location) = location.and_then(|l| HeaderValue::from_str(l).ok()) {
         headers.insert(header::LOCATION, location.clone());
-        if rv.change == crate::store::ChangeKind::Create {
+        if matches!(
+            rv.change,
+            crate::store::ChangeKind::Create | crate::store::ChangeKind::CreateAtId
+        ) {
             headers.insert("content-location", location);
         }
     }

@@ -147,7 +147,7 @@ pub async fn vread(
 }
 
 /// Parses and checks the body of a create or update.
-fn resource_body(
+async fn resource_body(
     api: &FhirApi,
     headers: &HeaderMap,
     body: Result<Bytes, BytesRejection>,
@@ -156,8 +156,7 @@ fn resource_body(
     check_content_type(headers)?;
     let body = body_bytes(body)?;
     let resource = parse_json(&body)?;
-    api.check_resource(&resource, resource_type)?;
-    Ok(resource)
+    api.check_resource(resource, resource_type).await
 }
 
 async fn write_one(api: &FhirApi, mutation: Mutation) -> Result<Outcome, FhirError> {
@@ -224,18 +223,14 @@ pub async fn create(
     check_accept(&headers, format_param(&pairs))?;
     api.check_type(&resource_type)?;
     let prefs = RequestPrefs::from_headers(&headers);
-    let resource = resource_body(&api, &headers, body, &resource_type)?;
+    let resource = resource_body(&api, &headers, body, &resource_type).await?;
     let if_none_exist = match headers.get("if-none-exist") {
         None => None,
         Some(value) => {
             let text = value.to_str().unwrap_or_default();
             let text = text.split_once('?').map_or(text, |(_, q)| q);
             let condition = query_pairs(Some(text))?;
-            if condition.is_empty() {
-                return Err(FhirError::bad_request("invalid", "If-None-Exist is empty"));
-            }
-            // Conditions are always strict: an ignored parameter would widen the match.
-            Some(api.search.parse_query(&resource_type, &condition, true)?)
+            Some(api.search.parse_condition(&resource_type, &condition)?)
         }
     };
     let outcome = write_one(
@@ -267,7 +262,7 @@ pub async fn update(
     check_id(&resource_type, &id)?;
     let prefs = RequestPrefs::from_headers(&headers);
     let expected = if_match(&headers)?;
-    let resource = resource_body(&api, &headers, body, &resource_type)?;
+    let resource = resource_body(&api, &headers, body, &resource_type).await?;
     match resource.get("id").and_then(Value::as_str) {
         Some(body_id) if body_id == id => {}
         Some(body_id) => {
@@ -316,14 +311,9 @@ pub async fn conditional_update(
         .into_iter()
         .filter(|(k, _)| k != "_format" && k != "_pretty")
         .collect();
-    if condition.is_empty() {
-        return Err(FhirError::bad_request(
-            "required",
-            "a conditional update needs search parameters (PUT /fhir/Type?identifier=…)",
-        ));
-    }
-    let query = api.search.parse_query(&resource_type, &condition, true)?;
-    let resource = resource_body(&api, &headers, body, &resource_type)?;
+    let query = api.search.parse_condition(&resource_type, &condition)?;
+    let expected = if_match(&headers)?;
+    let resource = resource_body(&api, &headers, body, &resource_type).await?;
     if let Some(id) = resource.get("id").and_then(Value::as_str) {
         check_id(&resource_type, id)?;
     }
@@ -331,7 +321,11 @@ pub async fn conditional_update(
         &api,
         Mutation {
             resource_type,
-            action: Action::ConditionalUpdate { query, resource },
+            action: Action::ConditionalUpdate {
+                query,
+                resource,
+                if_match: expected,
+            },
             full_url: None,
         },
     )

@@ -90,8 +90,8 @@ pub(super) async fn run_search(
         format!("{}/{resource_type}?{qs}", api.base_url)
     };
     let mut links = vec![("self", link(query.offset))];
-    if count > 0 && query.offset + count < result.total {
-        links.push(("next", link(query.offset + count)));
+    if count > 0 && query.offset.saturating_add(count) < result.total {
+        links.push(("next", link(query.offset.saturating_add(count))));
     }
     if count > 0 && query.offset > 0 {
         links.push(("previous", link(query.offset.saturating_sub(count))));
@@ -207,14 +207,19 @@ async fn history(
         format!("{path}?{qs}")
     };
     let mut links = vec![("self", page_link(offset))];
-    if count > 0 && offset + count < result.total {
-        links.push(("next", page_link(offset + count)));
+    if count > 0 && offset.saturating_add(count) < result.total {
+        links.push(("next", page_link(offset.saturating_add(count))));
     }
     let mut bundle = BundleWriter::new("history", Some(result.total), &links);
     for rv in &result.entries {
         let full_url = format!("{}/{}/{}", api.base_url, rv.resource_type, rv.id);
         let (method, url, status) = match rv.change {
             ChangeKind::Create => ("POST", rv.resource_type.clone(), "201 Created"),
+            ChangeKind::CreateAtId => (
+                "PUT",
+                format!("{}/{}", rv.resource_type, rv.id),
+                "201 Created",
+            ),
             ChangeKind::Update => ("PUT", format!("{}/{}", rv.resource_type, rv.id), "200 OK"),
             ChangeKind::Delete => (
                 "DELETE",

@@ -4,7 +4,9 @@
 //! store as one atomic write, in which `urn:uuid:` and other `fullUrl` references are pointed at
 //! the ids the server assigns and conditional references (`Patient?identifier=…`) are resolved.
 //! Any failure answers with one OperationOutcome naming the entry (`Bundle.entry[49]…`) and
-//! stores nothing. A batch runs each entry on its own and reports each entry's result.
+//! stores nothing. A batch runs each entry on its own and reports each entry's result. Read
+//! entries (`GET`) are checked before anything is written and run after the writes; what they
+//! find, a 404 included, is that entry's result.
 
 use std::sync::Arc;
 
@@ -112,7 +114,7 @@ pub async fn batch_or_transaction(
     let mut write_slots = Vec::new();
     let mut reads = Vec::new();
     for (index, entry) in entries.into_iter().enumerate() {
-        match plan_entry(&api, index, entry) {
+        match plan_entry(&api, index, entry).await {
             Ok(EntryRequest::Write(mutation)) => {
                 write_slots.push(index);
                 writes.push(mutation);
@@ -153,12 +155,12 @@ pub async fn batch_or_transaction(
         }
     }
 
-    // Reads run after the writes, so a transaction's GETs see its own changes.
+    // Reads run after the writes, so a transaction's GETs see its own changes. They were
+    // checked before the commit; what they find (or a 404) is reported per entry.
     for (index, read) in reads {
         let response = match execute_read(&api, read).await {
             Ok(r) => r,
-            Err(e) if atomic => return Err(e.at(format!("Bundle.entry[{index}]"))),
-            Err(e) => EntryResponse::Failed(e),
+            Err(e) => EntryResponse::Failed(e.at(format!("Bundle.entry[{index}]"))),
         };
         responses[index] = Some(response);
     }
@@ -233,7 +235,11 @@ fn render_entry(
 }
 
 /// Reads one entry's `request` (and `resource`) into a write or a read.
-fn plan_entry(api: &FhirApi, index: usize, mut entry: Value) -> Result<EntryRequest, FhirError> {
+async fn plan_entry(
+    api: &FhirApi,
+    index: usize,
+    mut entry: Value,
+) -> Result<EntryRequest, FhirError> {
     let at = |field: &str| format!("Bundle.entry[{index}].{field}");
     let resource_body = entry.get_mut("resource").map(Value::take);
     let Some(request) = entry.get("request").filter(|r| r.is_object()) else {
@@ -276,14 +282,20 @@ fn plan_entry(api: &FhirApi, index: usize, mut entry: Value) -> Result<EntryRequ
                 .and_then(|h| parse_etag(&h).map_err(|e| e.at(at("request.ifMatch"))))
         })
         .transpose()?;
+    let needs_resource = matches!(method, "POST" | "PUT");
+    let resource_body = match resource_body {
+        Some(body) if needs_resource => Some(
+            api.check_resource(body, &resource_type)
+                .await
+                .map_err(|e| e.within(&at("resource"), Some(&resource_type)))?,
+        ),
+        other => other,
+    };
     let resource = |body: Option<Value>| -> Result<Value, FhirError> {
-        let resource = body.ok_or_else(|| {
+        body.ok_or_else(|| {
             FhirError::bad_request("required", format!("a {method} entry needs a resource"))
                 .at(at("resource"))
-        })?;
-        api.check_resource(&resource, &resource_type)
-            .map_err(|e| e.within(&at("resource"), Some(&resource_type)))?;
-        Ok(resource)
+        })
     };
     let condition = |query: Option<&str>| -> Result<Option<crate::fhir::SearchQuery>, FhirError> {
         match query {
@@ -291,7 +303,7 @@ fn plan_entry(api: &FhirApi, index: usize, mut entry: Value) -> Result<EntryRequ
             Some(q) => {
                 let pairs = query_pairs(Some(q)).map_err(|e| e.at(at("request")))?;
                 api.search
-                    .parse_query(&resource_type, &pairs, true)
+                    .parse_condition(&resource_type, &pairs)
                     .map(Some)
                     .map_err(|e| e.at(at("request")))
             }
@@ -337,26 +349,33 @@ fn plan_entry(api: &FhirApi, index: usize, mut entry: Value) -> Result<EntryRequ
         ("PUT", 1, Some(q)) => Action::ConditionalUpdate {
             query: condition(Some(q))?.ok_or_else(|| url_error("empty condition"))?,
             resource: resource(resource_body)?,
+            if_match,
         },
         ("DELETE", 2, None) => {
             let id = segments[1].to_string();
             check_id(&resource_type, &id).map_err(|e| e.at(at("request.url")))?;
             Action::Delete { id, if_match }
         }
+        // Reads are checked now, before anything is written, and run after the writes.
         ("GET" | "HEAD", 1, q) => {
             let pairs = query_pairs(q).map_err(|e| e.at(at("request.url")))?;
+            api.search
+                .parse_query(&resource_type, &pairs, false)
+                .map_err(|e| e.at(at("request.url")))?;
             return Ok(EntryRequest::Read(ReadRequest::Search {
                 resource_type,
                 pairs,
             }));
         }
         ("GET" | "HEAD", 2, None) => {
+            check_id(&resource_type, segments[1]).map_err(|e| e.at(at("request.url")))?;
             return Ok(EntryRequest::Read(ReadRequest::Read {
                 id: segments[1].to_string(),
                 resource_type,
-            }))
+            }));
         }
         ("GET" | "HEAD", 4, None) if segments[2] == "_history" => {
+            check_id(&resource_type, segments[1]).map_err(|e| e.at(at("request.url")))?;
             let version = segments[3].parse().map_err(|_| url_error("bad version"))?;
             return Ok(EntryRequest::Read(ReadRequest::VRead {
                 id: segments[1].to_string(),

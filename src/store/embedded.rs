@@ -10,7 +10,7 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde_json::Value;
@@ -52,6 +52,10 @@ pub struct EmbeddedStore {
     jobs: mpsc::UnboundedSender<Message>,
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
     ready: AtomicBool,
+    /// Cleared by the writer thread when it exits for any reason, panics included.
+    writer_alive: Arc<AtomicBool>,
+    /// How long a write may wait in the queue before it is refused unapplied.
+    write_timeout: Duration,
 }
 
 enum Message {
@@ -62,13 +66,21 @@ enum Message {
 struct WriteJob {
     mutations: Vec<Mutation>,
     atomic: bool,
+    /// A job still queued at this instant is answered [`StoreError::Expired`] and not applied,
+    /// so a caller that gave up never has its write land behind its back.
+    deadline: Instant,
     reply: oneshot::Sender<Result<WriteResult, StoreError>>,
 }
 
 impl EmbeddedStore {
     /// Opens (or creates) `fhirgate.redb` under `data_dir`. After an unclean shutdown redb
-    /// repairs the file on open; committed transactions survive.
-    pub fn open(data_dir: &Path, registry: Arc<SearchRegistry>) -> Result<Self, StoreError> {
+    /// repairs the file on open; committed transactions survive. A write that waits in the queue
+    /// longer than `write_timeout` is refused without being applied.
+    pub fn open(
+        data_dir: &Path,
+        registry: Arc<SearchRegistry>,
+        write_timeout: Duration,
+    ) -> Result<Self, StoreError> {
         std::fs::create_dir_all(data_dir).map_err(backend)?;
         let db = Arc::new(Database::create(data_dir.join("fhirgate.redb")).map_err(backend)?);
         {
@@ -87,9 +99,14 @@ impl EmbeddedStore {
             db: db.clone(),
             registry: registry.clone(),
         };
+        let writer_alive = Arc::new(AtomicBool::new(true));
+        let alive = AliveGuard(writer_alive.clone());
         let handle = std::thread::Builder::new()
             .name("fhirgate-store-writer".into())
-            .spawn(move || writer.run(rx))
+            .spawn(move || {
+                let _alive = alive;
+                writer.run(rx)
+            })
             .map_err(backend)?;
         Ok(Self {
             db,
@@ -97,6 +114,8 @@ impl EmbeddedStore {
             jobs,
             writer: Mutex::new(Some(handle)),
             ready: AtomicBool::new(true),
+            writer_alive,
+            write_timeout,
         })
     }
 
@@ -105,7 +124,7 @@ impl EmbeddedStore {
     }
 
     fn ensure_open(&self) -> Result<(), StoreError> {
-        if self.ready.load(Ordering::Acquire) {
+        if self.is_ready() {
             Ok(())
         } else {
             Err(StoreError::Closed)
@@ -125,6 +144,15 @@ impl EmbeddedStore {
             .map_err(backend)?;
         observe(op, started);
         result
+    }
+}
+
+/// Marks the writer dead when its thread ends, however it ends.
+struct AliveGuard(Arc<AtomicBool>);
+
+impl Drop for AliveGuard {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
     }
 }
 
@@ -279,6 +307,7 @@ impl Store for EmbeddedStore {
             .send(Message::Write(WriteJob {
                 mutations,
                 atomic,
+                deadline: started + self.write_timeout,
                 reply,
             }))
             .map_err(|_| StoreError::Closed)?;
@@ -288,7 +317,7 @@ impl Store for EmbeddedStore {
     }
 
     fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::Acquire)
+        self.ready.load(Ordering::Acquire) && self.writer_alive.load(Ordering::Acquire)
     }
 
     async fn close(&self) {
@@ -494,6 +523,8 @@ enum Planned {
         previous: u64,
     },
     Existing(ResourceVersion),
+    /// The same resource as the earlier entry at this index of the transaction.
+    SameAs(usize),
     NothingToDelete,
 }
 
@@ -514,6 +545,19 @@ impl Writer {
                     }
                     Err(_) => break,
                 }
+            }
+            let now = Instant::now();
+            let (mut jobs, expired): (Vec<WriteJob>, Vec<WriteJob>) =
+                jobs.into_iter().partition(|job| job.deadline > now);
+            for job in expired {
+                metrics::counter!("fhirgate_store_writes_expired_total").increment(1);
+                let _ = job.reply.send(Err(StoreError::Expired));
+            }
+            if jobs.is_empty() {
+                if stop {
+                    break;
+                }
+                continue;
             }
             let results = self.commit_group(&mut jobs);
             metrics::histogram!("fhirgate_store_group_commit_size").record(jobs.len() as f64);
@@ -609,10 +653,39 @@ impl Writer {
         let mut targets: HashSet<String> = HashSet::new();
         for (index, mutation) in mutations.into_iter().enumerate() {
             let full_url = mutation.full_url.clone();
-            let plan = match self.plan(tables, mutation)? {
+            let condition = match &mutation.action {
+                Action::Create {
+                    if_none_exist: Some(query),
+                    ..
+                } => Some(query.clone()),
+                _ => None,
+            };
+            let mut plan = match self.plan(tables, mutation)? {
                 Ok(plan) => plan,
                 Err(error) => return Ok(WriteResult::Aborted { index, error }),
             };
+            // A conditional create that matches nothing stored may match a resource an earlier
+            // entry of this transaction creates; then it is that resource, not a second one.
+            if let (Some(query), Planned::Write { resource_type, .. }) = (&condition, &plan) {
+                let earlier = planned.iter().position(|p| match p {
+                    Planned::Write {
+                        resource_type: rt,
+                        id,
+                        resource,
+                        ..
+                    } => {
+                        rt == resource_type
+                            && query
+                                .clauses
+                                .iter()
+                                .all(|c| c.matches(Some(resource), id, 0))
+                    }
+                    _ => false,
+                });
+                if let Some(earlier) = earlier {
+                    plan = Planned::SameAs(earlier);
+                }
+            }
             let target = match &plan {
                 Planned::Write {
                     resource_type, id, ..
@@ -621,10 +694,17 @@ impl Writer {
                     resource_type, id, ..
                 } => Some(resource_key(resource_type, id)),
                 Planned::Existing(rv) => Some(resource_key(&rv.resource_type, &rv.id)),
+                Planned::SameAs(earlier) => match &planned[*earlier] {
+                    Planned::Write {
+                        resource_type, id, ..
+                    } => Some(resource_key(resource_type, id)),
+                    _ => None,
+                },
                 Planned::NothingToDelete => None,
             };
             if let Some(target) = &target {
-                if !matches!(plan, Planned::Existing(_)) && !targets.insert(target.clone()) {
+                let writes = !matches!(plan, Planned::Existing(_) | Planned::SameAs(_));
+                if writes && !targets.insert(target.clone()) {
                     return Ok(WriteResult::Aborted {
                         index,
                         error: FhirError::bad_request(
@@ -679,6 +759,16 @@ impl Writer {
         for plan in planned {
             outcomes.push(match plan {
                 Planned::Existing(rv) => Outcome::Existing(rv),
+                Planned::SameAs(earlier) => match outcomes.get(earlier) {
+                    Some(Outcome::Created(rv) | Outcome::Updated(rv)) => {
+                        Outcome::Existing(rv.clone())
+                    }
+                    _ => {
+                        return Err(StoreError::Corrupt(
+                            "conditional create lost its match".into(),
+                        ))
+                    }
+                },
                 Planned::NothingToDelete => Outcome::Deleted(None),
                 Planned::Write {
                     resource_type,
@@ -819,19 +909,34 @@ impl Writer {
                     change: if is_live {
                         ChangeKind::Update
                     } else {
-                        ChangeKind::Create
+                        ChangeKind::CreateAtId
                     },
                     existing: is_live,
                 })
             }
-            Action::ConditionalUpdate { query, resource } => {
+            Action::ConditionalUpdate {
+                query,
+                resource,
+                if_match,
+            } => {
                 let found = find_matches(&tables.current, &tables.index, &resource_type, &query)?;
                 let body_id = resource
                     .get("id")
                     .and_then(Value::as_str)
                     .map(str::to_owned);
                 let id = match found.as_slice() {
-                    [] => body_id.unwrap_or_else(new_id),
+                    [] => match body_id {
+                        // Nothing matches, so the body's id must not name a resource that exists:
+                        // the condition said this is not that resource.
+                        Some(id) if live(&current(&id)?) => {
+                            return Ok(Err(FhirError::conflict(format!(
+                                "no {resource_type} matches the condition, but {resource_type}/{id} exists"
+                            ))
+                            .at(format!("{resource_type}.id"))))
+                        }
+                        Some(id) => id,
+                        None => new_id(),
+                    },
                     [one] => {
                         if body_id.as_deref().is_some_and(|b| b != one.id) {
                             return Ok(Err(FhirError::bad_request(
@@ -852,6 +957,15 @@ impl Writer {
                     }
                 };
                 let existing = current(&id)?;
+                if let Some(expected) = if_match {
+                    let actual = existing
+                        .as_ref()
+                        .filter(|r| !r.is_deleted())
+                        .map(|r| r.version);
+                    if actual != Some(expected) {
+                        return Ok(Err(version_mismatch(&resource_type, &id, expected, actual)));
+                    }
+                }
                 let is_live = live(&existing);
                 Ok(Planned::Write {
                     previous: existing.map_or(0, |r| r.version),
@@ -861,7 +975,7 @@ impl Writer {
                     change: if is_live {
                         ChangeKind::Update
                     } else {
-                        ChangeKind::Create
+                        ChangeKind::CreateAtId
                     },
                     existing: is_live,
                 })
@@ -910,7 +1024,7 @@ impl Writer {
                 )))
             }
         };
-        let query = match self.registry.parse_query(resource_type, &pairs, true) {
+        let query = match self.registry.parse_condition(resource_type, &pairs) {
             Ok(q) => q,
             Err(e) => return Ok(Err(e)),
         };
@@ -1005,4 +1119,76 @@ fn version_mismatch(
     FhirError::precondition_failed(format!(
         "If-Match expected version {expected} of {resource_type}/{id}, current version is {actual}"
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fhir::SchemaValidator;
+    use serde_json::json;
+
+    fn store(write_timeout: Duration) -> (tempfile::TempDir, EmbeddedStore) {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let registry = Arc::new(SearchRegistry::new(
+            &SchemaValidator::bundled().expect("schema"),
+        ));
+        let store = EmbeddedStore::open(dir.path(), registry, write_timeout).expect("open");
+        (dir, store)
+    }
+
+    fn put(id: &str) -> Mutation {
+        Mutation {
+            resource_type: "Patient".into(),
+            action: Action::Update {
+                id: id.into(),
+                resource: json!({"resourceType": "Patient", "id": id}),
+                if_match: None,
+            },
+            full_url: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_write_that_missed_its_deadline_is_not_applied() {
+        let (_dir, store) = store(Duration::ZERO);
+        let result = store.write(vec![put("late")], true).await;
+        assert!(matches!(result, Err(StoreError::Expired)), "{result:?}");
+        assert!(store.read("Patient", "late").await.expect("read").is_none());
+    }
+
+    #[tokio::test]
+    async fn closed_store_refuses_and_reports_not_ready() {
+        let (_dir, store) = store(Duration::from_secs(5));
+        store.write(vec![put("a")], true).await.expect("write");
+        assert!(store.is_ready());
+        store.close().await;
+        assert!(!store.is_ready());
+        assert!(matches!(
+            store.write(vec![put("b")], true).await,
+            Err(StoreError::Closed)
+        ));
+        assert!(matches!(
+            store.read("Patient", "a").await,
+            Err(StoreError::Closed)
+        ));
+    }
+
+    #[tokio::test]
+    async fn batch_entries_fail_alone_in_one_commit() {
+        let (_dir, store) = store(Duration::from_secs(5));
+        let mut stale = put("b");
+        if let Action::Update { if_match, .. } = &mut stale.action {
+            *if_match = Some(4);
+        }
+        let WriteResult::Each(results) = store
+            .write(vec![put("a"), stale, put("c")], false)
+            .await
+            .expect("write")
+        else {
+            panic!("per-entry results");
+        };
+        assert!(results[0].is_ok() && results[1].is_err() && results[2].is_ok());
+        assert!(store.read("Patient", "b").await.expect("read").is_none());
+        assert!(store.read("Patient", "c").await.expect("read").is_some());
+    }
 }

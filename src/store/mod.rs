@@ -24,12 +24,18 @@ pub enum StoreError {
     Corrupt(String),
     #[error("the store is closed")]
     Closed,
+    /// The write waited too long in the queue and was not applied; retrying is safe.
+    #[error("the write was not applied in time")]
+    Expired,
 }
 
 /// How a version came to be; history entries report it as `request.method`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ChangeKind {
+    /// Created with a server-assigned id (`POST`).
     Create,
+    /// Created at the client's id (`PUT` of a resource that did not exist).
+    CreateAtId,
     Update,
     Delete,
 }
@@ -69,8 +75,13 @@ pub enum Action {
         resource: Value,
         if_match: Option<u64>,
     },
-    /// Update the one resource matching `query`, or create when none does.
-    ConditionalUpdate { query: SearchQuery, resource: Value },
+    /// Update the one resource matching `query`, or create when none does; with `if_match`,
+    /// only if the matched resource is at that version.
+    ConditionalUpdate {
+        query: SearchQuery,
+        resource: Value,
+        if_match: Option<u64>,
+    },
     /// Delete `id`; with `if_match`, only if the current version is that one.
     Delete { id: String, if_match: Option<u64> },
 }

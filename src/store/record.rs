@@ -21,6 +21,7 @@ pub(super) fn encode(change: ChangeKind, version: u64, last_updated: i64, body: 
         ChangeKind::Create => 0,
         ChangeKind::Update => 1,
         ChangeKind::Delete => 2,
+        ChangeKind::CreateAtId => 3,
     });
     out.extend_from_slice(&version.to_le_bytes());
     out.extend_from_slice(&last_updated.to_le_bytes());
@@ -39,6 +40,7 @@ pub(super) fn header(bytes: &[u8]) -> Result<Header, StoreError> {
         0 => ChangeKind::Create,
         1 => ChangeKind::Update,
         2 => ChangeKind::Delete,
+        3 => ChangeKind::CreateAtId,
         other => return Err(StoreError::Corrupt(format!("change kind {other}"))),
     };
     let mut version = [0u8; 8];

@@ -93,7 +93,9 @@ async fn delete_then_read_is_gone_and_history_shows_it() {
     assert_eq!(history["total"], 2);
     assert_eq!(history["entry"][0]["request"]["method"], "DELETE");
     assert!(history["entry"][0].get("resource").is_none());
-    assert_eq!(history["entry"][1]["request"]["method"], "POST");
+    // Created by PUT at the client's id: replaying the history must reuse that id.
+    assert_eq!(history["entry"][1]["request"]["method"], "PUT");
+    assert_eq!(history["entry"][1]["request"]["url"], "Patient/d1");
     assert_eq!(history["entry"][1]["resource"]["meta"]["versionId"], "1");
 
     // A deleted resource can be brought back by an update, as a new version.
@@ -461,4 +463,80 @@ async fn decimals_and_unknown_extensions_survive() {
     assert!(read.contains(r#""valueDecimal":0.10"#), "{read}");
     assert!(read.contains(r#""value":100.000"#), "{read}");
     assert!(read.contains("never-seen"));
+}
+
+#[tokio::test]
+async fn conditions_must_filter_something() {
+    let app = TestApp::start().await;
+    app.put("/Patient/keep", &patient("keep")).await;
+    let mut other = patient("x");
+    other.as_object_mut().expect("object").remove("id");
+    other["gender"] = json!("male");
+    for query in ["identifier=", "_count=1", "_sort=_id", "bogus=1"] {
+        let (status, outcome) = json(app.put(&format!("/Patient?{query}"), &other).await).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{query}: {outcome}");
+        let header = [("if-none-exist", query)];
+        let response = app
+            .request(Method::POST, "/Patient", Some(&other), &header)
+            .await;
+        assert_eq!(
+            response.status(),
+            StatusCode::BAD_REQUEST,
+            "If-None-Exist: {query}"
+        );
+    }
+    let (_, kept) = json(app.get("/Patient/keep").await).await;
+    assert_eq!(kept["meta"]["versionId"], "1");
+    assert_eq!(kept["gender"], "unknown");
+    let (_, count) = json(app.get("/Patient?_summary=count").await).await;
+    assert_eq!(count["total"], 1);
+}
+
+#[tokio::test]
+async fn conditional_update_without_match_does_not_take_over_another_id() {
+    let app = TestApp::start().await;
+    app.put("/Patient/keep1", &patient("keep1")).await;
+    let mut body = patient("keep1");
+    body["identifier"][0]["value"] = json!("someone-else");
+    let (status, outcome) = json(
+        app.put("/Patient?identifier=urn:test:mrn|someone-else", &body)
+            .await,
+    )
+    .await;
+    assert_eq!(status, StatusCode::CONFLICT, "{outcome}");
+    let (_, kept) = json(app.get("/Patient/keep1").await).await;
+    assert_eq!(kept["identifier"][0]["value"], "mrn-keep1");
+    // With an id nobody has, the conditional update creates the resource there.
+    body["id"] = json!("fresh");
+    let response = app
+        .put("/Patient?identifier=urn:test:mrn|someone-else", &body)
+        .await;
+    assert_eq!(response.status(), StatusCode::CREATED);
+    assert_eq!(app.get("/Patient/fresh").await.status(), StatusCode::OK);
+}
+
+#[tokio::test]
+async fn conditional_update_honours_if_match() {
+    let app = TestApp::start().await;
+    app.put("/Patient/cm", &patient("cm")).await;
+    let mut body = patient("cm");
+    body.as_object_mut().expect("object").remove("id");
+    let stale = app
+        .request(
+            Method::PUT,
+            "/Patient?identifier=urn:test:mrn|mrn-cm",
+            Some(&body),
+            &[("if-match", "W/\"9\"")],
+        )
+        .await;
+    assert_eq!(stale.status(), StatusCode::PRECONDITION_FAILED);
+    let fresh = app
+        .request(
+            Method::PUT,
+            "/Patient?identifier=urn:test:mrn|mrn-cm",
+            Some(&body),
+            &[("if-match", "W/\"1\"")],
+        )
+        .await;
+    assert_eq!(fresh.status(), StatusCode::OK);
 }

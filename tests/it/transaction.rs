@@ -226,3 +226,63 @@ async fn bundle_envelope_errors() {
     assert_eq!(status, StatusCode::OK);
     assert!(response.get("entry").is_none());
 }
+
+#[tokio::test]
+async fn identical_conditional_creates_in_one_transaction_make_one_resource() {
+    let app = TestApp::start().await;
+    let mut p = patient("x");
+    p.as_object_mut().expect("object").remove("id");
+    p["identifier"][0]["value"] = json!("DUP");
+    let bundle = transaction(vec![
+        json!({"fullUrl":"urn:uuid:bbbbbbbb-0000-0000-0000-000000000001","resource":p,"request":{"method":"POST","url":"Patient","ifNoneExist":"identifier=urn:test:mrn|DUP"}}),
+        json!({"fullUrl":"urn:uuid:bbbbbbbb-0000-0000-0000-000000000002","resource":p,"request":{"method":"POST","url":"Patient","ifNoneExist":"identifier=urn:test:mrn|DUP"}}),
+        json!({"resource":observation_for("urn:uuid:bbbbbbbb-0000-0000-0000-000000000002", 5),"request":{"method":"POST","url":"Observation"}}),
+    ]);
+    let (status, response) = json(app.post("", &bundle).await).await;
+    assert_eq!(status, StatusCode::OK, "{response}");
+    assert_eq!(response["entry"][0]["response"]["status"], "201 Created");
+    assert_eq!(response["entry"][1]["response"]["status"], "200 OK");
+    assert_eq!(
+        response["entry"][0]["response"]["location"],
+        response["entry"][1]["response"]["location"]
+    );
+    let (_, count) = json(app.get("/Patient?identifier=urn:test:mrn|DUP").await).await;
+    assert_eq!(count["total"], 1);
+    let id = count["entry"][0]["resource"]["id"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+    let (_, obs) = json(app.get(&format!("/Observation?patient={id}")).await).await;
+    assert_eq!(obs["total"], 1);
+}
+
+#[tokio::test]
+async fn transaction_reads_are_checked_before_anything_is_written() {
+    let app = TestApp::start().await;
+    let bundle = transaction(vec![
+        json!({"resource":patient("tr1"),"request":{"method":"PUT","url":"Patient/tr1"}}),
+        json!({"request":{"method":"GET","url":"Observation?date=xx2020"}}),
+    ]);
+    let (status, outcome) = json(app.post("", &bundle).await).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_outcome(&outcome, "invalid", Some("Bundle.entry[1].request.url"));
+    assert_eq!(
+        app.get("/Patient/tr1").await.status(),
+        StatusCode::NOT_FOUND
+    );
+
+    // A well-formed read of something absent is that entry's 404; the writes stand.
+    let bundle = transaction(vec![
+        json!({"resource":patient("tr1"),"request":{"method":"PUT","url":"Patient/tr1"}}),
+        json!({"request":{"method":"GET","url":"Patient/absent"}}),
+        json!({"request":{"method":"GET","url":"Patient/tr1"}}),
+    ]);
+    let (status, response) = json(app.post("", &bundle).await).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(response["entry"][0]["response"]["status"], "201 Created");
+    assert!(response["entry"][1]["response"]["status"]
+        .as_str()
+        .expect("status")
+        .starts_with("404"));
+    assert_eq!(response["entry"][2]["resource"]["id"], "tr1");
+}
