@@ -891,28 +891,10 @@ impl Writer {
                 if_match,
             } => {
                 let existing = current(&id)?;
-                if let Some(expected) = if_match {
-                    let actual = existing
-                        .as_ref()
-                        .filter(|r| !r.is_deleted())
-                        .map(|r| r.version);
-                    if actual != Some(expected) {
-                        return Ok(Err(version_mismatch(&resource_type, &id, expected, actual)));
-                    }
+                if let Err(e) = check_version(&resource_type, &id, existing.as_ref(), if_match) {
+                    return Ok(Err(e));
                 }
-                let is_live = live(&existing);
-                Ok(Planned::Write {
-                    previous: existing.map_or(0, |r| r.version),
-                    resource_type,
-                    id,
-                    resource,
-                    change: if is_live {
-                        ChangeKind::Update
-                    } else {
-                        ChangeKind::CreateAtId
-                    },
-                    existing: is_live,
-                })
+                Ok(upsert(resource_type, id, resource, existing))
             }
             Action::ConditionalUpdate {
                 query,
@@ -957,39 +939,15 @@ impl Writer {
                     }
                 };
                 let existing = current(&id)?;
-                if let Some(expected) = if_match {
-                    let actual = existing
-                        .as_ref()
-                        .filter(|r| !r.is_deleted())
-                        .map(|r| r.version);
-                    if actual != Some(expected) {
-                        return Ok(Err(version_mismatch(&resource_type, &id, expected, actual)));
-                    }
+                if let Err(e) = check_version(&resource_type, &id, existing.as_ref(), if_match) {
+                    return Ok(Err(e));
                 }
-                let is_live = live(&existing);
-                Ok(Planned::Write {
-                    previous: existing.map_or(0, |r| r.version),
-                    resource_type,
-                    id,
-                    resource,
-                    change: if is_live {
-                        ChangeKind::Update
-                    } else {
-                        ChangeKind::CreateAtId
-                    },
-                    existing: is_live,
-                })
+                Ok(upsert(resource_type, id, resource, existing))
             }
             Action::Delete { id, if_match } => {
                 let existing = current(&id)?;
-                if let Some(expected) = if_match {
-                    let actual = existing
-                        .as_ref()
-                        .filter(|r| !r.is_deleted())
-                        .map(|r| r.version);
-                    if actual != Some(expected) {
-                        return Ok(Err(version_mismatch(&resource_type, &id, expected, actual)));
-                    }
+                if let Err(e) = check_version(&resource_type, &id, existing.as_ref(), if_match) {
+                    return Ok(Err(e));
                 }
                 match existing {
                     Some(rv) if !rv.is_deleted() => Ok(Planned::Delete {
@@ -1105,6 +1063,46 @@ fn is_conditional_reference(reference: &str) -> bool {
         && !reference.starts_with("http://")
         && !reference.starts_with("https://")
         && !reference.starts_with("urn:")
+}
+
+/// `If-Match` against the current version (a deleted or missing resource has none).
+fn check_version(
+    resource_type: &str,
+    id: &str,
+    existing: Option<&ResourceVersion>,
+    if_match: Option<u64>,
+) -> Result<(), FhirError> {
+    let Some(expected) = if_match else {
+        return Ok(());
+    };
+    let actual = existing.filter(|r| !r.is_deleted()).map(|r| r.version);
+    if actual == Some(expected) {
+        Ok(())
+    } else {
+        Err(version_mismatch(resource_type, id, expected, actual))
+    }
+}
+
+/// A write at a client-chosen id: an update of a live resource, else a create there.
+fn upsert(
+    resource_type: String,
+    id: String,
+    resource: Value,
+    existing: Option<ResourceVersion>,
+) -> Planned {
+    let is_live = existing.as_ref().is_some_and(|r| !r.is_deleted());
+    Planned::Write {
+        previous: existing.map_or(0, |r| r.version),
+        resource_type,
+        id,
+        resource,
+        change: if is_live {
+            ChangeKind::Update
+        } else {
+            ChangeKind::CreateAtId
+        },
+        existing: is_live,
+    }
 }
 
 fn version_mismatch(
