@@ -25,9 +25,10 @@ use crate::fhir::date::{format_instant, now_micros};
 use crate::fhir::search::{ClauseKind, Probe, SearchQuery, Sort};
 use crate::fhir::{new_id, rewrite_references, stamp, FhirError, SearchRegistry};
 
-/// `Type/id` → current version record.
+/// `Type/id` → header of the current version (version, time, change). The body lives once, in
+/// `HISTORY`, so a write stores each resource's bytes once and type scans stay small.
 const CURRENT: TableDefinition<&str, &[u8]> = TableDefinition::new("current");
-/// (`Type/id`, version) → version record.
+/// (`Type/id`, version) → version record with its body.
 const HISTORY: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("history");
 /// (`Type`, sequence) → (`id`, version): every change of a type, in order.
 const CHANGES: TableDefinition<(&str, u64), (&str, u64)> = TableDefinition::new("changes");
@@ -176,12 +177,9 @@ impl Store for EmbeddedStore {
         self.ensure_open()?;
         let started = Instant::now();
         let txn = self.db.begin_read().map_err(backend)?;
-        let table = txn.open_table(CURRENT).map_err(backend)?;
-        let found = table
-            .get(resource_key(resource_type, id).as_str())
-            .map_err(backend)?
-            .map(|guard| record::decode(resource_type, id, guard.value()))
-            .transpose();
+        let current = txn.open_table(CURRENT).map_err(backend)?;
+        let history = txn.open_table(HISTORY).map_err(backend)?;
+        let found = load_current(&current, &history, resource_type, id);
         observe("read", started);
         found
     }
@@ -279,15 +277,15 @@ impl Store for EmbeddedStore {
         self.blocking("search", move |db| {
             let txn = db.begin_read().map_err(backend)?;
             let current = txn.open_table(CURRENT).map_err(backend)?;
+            let history = txn.open_table(HISTORY).map_err(backend)?;
             let index = txn.open_table(INDEX).map_err(backend)?;
-            let mut matches = find_matches(&current, &index, &resource_type, &query)?;
+            let mut matches = find_matches(&current, &history, &index, &resource_type, &query)?;
             sort_matches(&mut matches, query.sort);
             let total = matches.len();
             let mut entries = Vec::new();
             for m in matches.iter().skip(page.offset).take(page.count) {
-                let key = resource_key(&resource_type, &m.id);
-                if let Some(guard) = current.get(key.as_str()).map_err(backend)? {
-                    entries.push(record::decode(&resource_type, &m.id, guard.value())?);
+                if let Some(rv) = load_current(&current, &history, &resource_type, &m.id)? {
+                    entries.push(rv);
                 }
             }
             Ok(SearchPage { total, entries })
@@ -342,6 +340,29 @@ impl Drop for EmbeddedStore {
     }
 }
 
+/// The current version of `Type/id`, with its body from `HISTORY`.
+fn load_current<C, H>(
+    current: &C,
+    history: &H,
+    resource_type: &str,
+    id: &str,
+) -> Result<Option<ResourceVersion>, StoreError>
+where
+    C: ReadableTable<&'static str, &'static [u8]>,
+    H: ReadableTable<(&'static str, u64), &'static [u8]>,
+{
+    let key = resource_key(resource_type, id);
+    let Some(head) = current.get(key.as_str()).map_err(backend)? else {
+        return Ok(None);
+    };
+    let header = record::header(head.value())?;
+    let guard = history
+        .get((key.as_str(), header.version))
+        .map_err(backend)?
+        .ok_or_else(|| StoreError::Corrupt(format!("{key} lost version {}", header.version)))?;
+    record::decode(resource_type, id, guard.value()).map(Some)
+}
+
 /// A search hit before paging.
 struct Match {
     id: String,
@@ -351,14 +372,16 @@ struct Match {
 /// Finds the current, non-deleted resources of `resource_type` matching `query`, using the
 /// index where a clause allows and checking the rest against each candidate. Works on read and
 /// write transactions alike.
-fn find_matches<C, I>(
+fn find_matches<C, H, I>(
     current: &C,
+    history: &H,
     index: &I,
     resource_type: &str,
     query: &SearchQuery,
 ) -> Result<Vec<Match>, StoreError>
 where
     C: ReadableTable<&'static str, &'static [u8]>,
+    H: ReadableTable<(&'static str, u64), &'static [u8]>,
     I: ReadableTable<&'static str, ()>,
 {
     let mut candidates: Option<BTreeSet<String>> = None;
@@ -391,8 +414,13 @@ where
             return Ok(());
         }
         let body: Option<Value> = if needs_body {
+            let key = resource_key(resource_type, id);
+            let guard = history
+                .get((key.as_str(), header.version))
+                .map_err(backend)?
+                .ok_or_else(|| StoreError::Corrupt(format!("{key} lost its current version")))?;
             Some(
-                serde_json::from_slice(record::body(bytes))
+                serde_json::from_slice(record::body(guard.value()))
                     .map_err(|e| StoreError::Corrupt(e.to_string()))?,
             )
         } else {
@@ -833,14 +861,7 @@ impl Writer {
             action,
             ..
         } = mutation;
-        let current = |id: &str| -> Result<Option<ResourceVersion>, StoreError> {
-            tables
-                .current
-                .get(resource_key(&resource_type, id).as_str())
-                .map_err(backend)?
-                .map(|g| record::decode(&resource_type, id, g.value()))
-                .transpose()
-        };
+        let current = |id: &str| load_current(&tables.current, &tables.history, &resource_type, id);
         let live = |rv: &Option<ResourceVersion>| rv.as_ref().is_some_and(|r| !r.is_deleted());
         Ok(match action {
             Action::Create {
@@ -849,8 +870,13 @@ impl Writer {
                 if_none_exist,
             } => {
                 if let Some(query) = if_none_exist {
-                    let found =
-                        find_matches(&tables.current, &tables.index, &resource_type, &query)?;
+                    let found = find_matches(
+                        &tables.current,
+                        &tables.history,
+                        &tables.index,
+                        &resource_type,
+                        &query,
+                    )?;
                     match found.as_slice() {
                         [] => {}
                         [one] => {
@@ -901,7 +927,13 @@ impl Writer {
                 resource,
                 if_match,
             } => {
-                let found = find_matches(&tables.current, &tables.index, &resource_type, &query)?;
+                let found = find_matches(
+                    &tables.current,
+                    &tables.history,
+                    &tables.index,
+                    &resource_type,
+                    &query,
+                )?;
                 let body_id = resource
                     .get("id")
                     .and_then(Value::as_str)
@@ -986,7 +1018,13 @@ impl Writer {
             Ok(q) => q,
             Err(e) => return Ok(Err(e)),
         };
-        let found = find_matches(&tables.current, &tables.index, resource_type, &query)?;
+        let found = find_matches(
+            &tables.current,
+            &tables.history,
+            &tables.index,
+            resource_type,
+            &query,
+        )?;
         Ok(match found.as_slice() {
             [one] => Ok(resource_key(resource_type, &one.id)),
             found => Err(FhirError::precondition_failed(format!(
@@ -1011,9 +1049,10 @@ impl Writer {
     ) -> Result<ResourceVersion, StoreError> {
         let key = resource_key(resource_type, id);
         let bytes = record::encode(change, version, at, &body);
+        let header = record::encode(change, version, at, &[]);
         tables
             .current
-            .insert(key.as_str(), bytes.as_slice())
+            .insert(key.as_str(), header.as_slice())
             .map_err(backend)?;
         tables
             .history
