@@ -3,12 +3,14 @@
 //! The parts, from the wire inwards: [`http`] (routes, middleware, shutdown) serves the
 //! [`server`] FHIR REST facade, which checks resources with [`fhir`] (validation, search
 //! parameters, OperationOutcome) and keeps them in a [`store`] (embedded redb by default).
+//! [`pa`] decides prior authorization against the payer policies in `policies/`.
 //! [`config`] is read once at startup. [`run`] ties them together: it takes an already-bound
 //! listener and a shutdown future, so tests start a real server on `127.0.0.1:0`.
 
 pub mod config;
 pub mod fhir;
 pub mod http;
+pub mod pa;
 pub mod server;
 pub mod store;
 
@@ -28,6 +30,7 @@ use crate::store::{EmbeddedStore, Store};
 pub struct App {
     pub router: axum::Router,
     pub store: Arc<dyn Store>,
+    pub policies: Arc<pa::PolicySet>,
 }
 
 impl App {
@@ -42,6 +45,7 @@ impl App {
             }
             None => SchemaValidator::bundled()?,
         });
+        let policies = Arc::new(load_policies(&config.pa.policies_dir)?);
         let search = Arc::new(SearchRegistry::new(&schema));
         let store: Arc<dyn Store> = Arc::new(
             EmbeddedStore::open(
@@ -62,8 +66,22 @@ impl App {
         Ok(Self {
             router: http::app(routes, &config.server),
             store,
+            policies,
         })
     }
+}
+
+/// Loads the payer policies; any error stops startup with every problem's file and line.
+fn load_policies(dir: &std::path::Path) -> anyhow::Result<pa::PolicySet> {
+    if !dir.is_dir() {
+        tracing::warn!(dir = %dir.display(), "no policy folder; every payer will be unknown");
+        return Ok(pa::PolicySet::default());
+    }
+    let set = pa::PolicySet::load_dir(dir)
+        .map_err(|errors| anyhow::anyhow!("the payer policies have errors:\n{errors}"))?;
+    let rules: usize = set.payers.iter().map(|p| p.rules.len()).sum();
+    tracing::info!(payers = set.payers.len(), rules, "payer policies loaded");
+    Ok(set)
 }
 
 /// Runs the server on `listener` until `shutdown` resolves, then drains in-flight requests and

@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use fhirgate::pa::PolicySet;
 
 #[derive(Parser)]
 #[command(
@@ -24,6 +25,40 @@ enum Command {
         #[arg(long, env = "FHIRGATE_CONFIG")]
         config: Option<PathBuf>,
     },
+    /// Check payer policies or explain a determination.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
+}
+
+#[derive(Subcommand)]
+enum PolicyCommand {
+    /// Lint every policy file in DIR; prints `file:line: message` for each problem.
+    Check {
+        #[arg(default_value = "policies")]
+        dir: PathBuf,
+    },
+    /// Decide one order for one patient and print the criteria trace.
+    Explain {
+        /// A Bundle (or resource) with the patient's record: Patient, Coverage, payor
+        /// Organization, Conditions, Observations, medications, procedures.
+        #[arg(long)]
+        bundle: PathBuf,
+        /// The order: ServiceRequest, DeviceRequest, MedicationRequest, …
+        #[arg(long)]
+        order: PathBuf,
+        /// Facts from clinical notes, as a JSON array.
+        #[arg(long)]
+        facts: Option<PathBuf>,
+        /// The policy folder.
+        #[arg(long, default_value = "policies")]
+        policies: PathBuf,
+        /// Evaluate as of this day (YYYY-MM-DD); today by default.
+        #[arg(long)]
+        date: Option<String>,
+        /// Print the determination as JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -42,6 +77,60 @@ fn main() -> anyhow::Result<()> {
                     .with_context(|| format!("binding {}", config.server.bind))?;
                 fhirgate::run(listener, config, fhirgate::http::shutdown_signal()).await
             })
+        }
+        Command::Policy(PolicyCommand::Check { dir }) => match PolicySet::load_dir(&dir) {
+            Ok(set) => {
+                let rules: usize = set.payers.iter().map(|p| p.rules.len()).sum();
+                println!(
+                    "{}: {} payers, {rules} rules, no problems",
+                    dir.display(),
+                    set.payers.len()
+                );
+                Ok(())
+            }
+            Err(errors) => {
+                eprintln!("{errors}");
+                std::process::exit(1);
+            }
+        },
+        Command::Policy(PolicyCommand::Explain {
+            bundle,
+            order,
+            facts,
+            policies,
+            date,
+            json,
+        }) => {
+            let set = PolicySet::load_dir(&policies).map_err(|e| anyhow::anyhow!("{e}"))?;
+            let read = |path: &PathBuf| -> anyhow::Result<serde_json::Value> {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("reading {}", path.display()))?;
+                serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))
+            };
+            let record = read(&bundle)?;
+            let order = read(&order)?;
+            let facts: Option<Vec<fhirgate::pa::Fact>> = match &facts {
+                Some(path) => Some(
+                    serde_json::from_value(read(path)?)
+                        .context("facts must be a JSON array of facts")?,
+                ),
+                None => None,
+            };
+            let today = match date {
+                Some(d) => time::Date::parse(
+                    &d,
+                    time::macros::format_description!("[year]-[month]-[day]"),
+                )
+                .with_context(|| format!("--date {d}: expected YYYY-MM-DD"))?,
+                None => time::OffsetDateTime::now_utc().date(),
+            };
+            let determination = set.determine_with(&order, &[&record], facts, today);
+            if json {
+                println!("{}", serde_json::to_string_pretty(&determination)?);
+            } else {
+                print!("{}", determination.render());
+            }
+            Ok(())
         }
     }
 }

@@ -62,7 +62,25 @@ pub struct Config {
     pub server: ServerConfig,
     pub store: StoreConfig,
     pub fhir: FhirConfig,
+    pub pa: PaConfig,
     pub log: LogConfig,
+}
+
+/// Prior-authorization policies.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PaConfig {
+    /// Folder of payer policy files. A file with errors stops startup; a missing folder means no
+    /// payer policies (every payer is then unknown).
+    pub policies_dir: PathBuf,
+}
+
+impl Default for PaConfig {
+    fn default() -> Self {
+        Self {
+            policies_dir: PathBuf::from("policies"),
+        }
+    }
 }
 
 /// HTTP listener and request limits.
@@ -230,6 +248,7 @@ impl Config {
                     self.fhir.default_page_size = parse(&value).map_err(bad)?
                 }
                 "fhir__max_page_size" => self.fhir.max_page_size = parse(&value).map_err(bad)?,
+                "pa__policies_dir" => self.pa.policies_dir = PathBuf::from(&value),
                 "log__level" => self.log.level = value.clone(),
                 "log__format" => {
                     self.log.format = match value.as_str() {

@@ -8,6 +8,7 @@ mod conformance;
 mod durability;
 mod examples;
 mod ops;
+mod pa;
 mod rest;
 mod search;
 mod synthea;
