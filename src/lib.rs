@@ -3,10 +3,12 @@
 //! The parts, from the wire inwards: [`http`] (routes, middleware, shutdown) serves the
 //! [`server`] FHIR REST facade, which checks resources with [`fhir`] (validation, search
 //! parameters, OperationOutcome) and keeps them in a [`store`] (embedded redb by default).
-//! [`pa`] decides prior authorization against the payer policies in `policies/`.
+//! [`pa`] decides prior authorization against the payer policies in `policies/`; [`cds`] serves
+//! it as CDS Hooks / Da Vinci CRD services defined in `hooks/`.
 //! [`config`] is read once at startup. [`run`] ties them together: it takes an already-bound
 //! listener and a shutdown future, so tests start a real server on `127.0.0.1:0`.
 
+pub mod cds;
 pub mod config;
 pub mod fhir;
 pub mod http;
@@ -62,7 +64,26 @@ impl App {
             config.fhir.clone(),
             public_base,
         ));
-        let routes = server::router(fhir).merge(http::ops_router(store.clone()));
+        let services = if config.cds.hooks_dir.is_dir() {
+            cds::load_services(&config.cds.hooks_dir)?
+        } else {
+            tracing::warn!(dir = %config.cds.hooks_dir.display(), "no hooks folder; no CDS services");
+            Vec::new()
+        };
+        let cds = Arc::new(cds::CdsApi {
+            services,
+            policies: policies.clone(),
+            settings: cds::CdsSettings {
+                review_app_url: config.cds.review_app_url.clone(),
+            },
+            fetcher: cds::prefetch::PrefetchFetcher::new(
+                &config.cds.fhir_servers,
+                Duration::from_secs(config.cds.fetch_timeout_secs),
+            )?,
+        });
+        let routes = server::router(fhir)
+            .merge(cds::router(cds))
+            .merge(http::ops_router(store.clone()));
         Ok(Self {
             router: http::app(routes, &config.server),
             store,

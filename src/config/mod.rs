@@ -63,7 +63,34 @@ pub struct Config {
     pub store: StoreConfig,
     pub fhir: FhirConfig,
     pub pa: PaConfig,
+    pub cds: CdsConfig,
     pub log: LogConfig,
+}
+
+/// CDS Hooks services.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CdsConfig {
+    /// Folder of service definitions; a missing folder means no services.
+    pub hooks_dir: PathBuf,
+    /// SMART app that reviews prior-authorization requests; cards link to it when set.
+    pub review_app_url: Option<String>,
+    /// FHIR servers (exact base URLs) that missing prefetch may be fetched from, with the token
+    /// the CDS client lends. Empty: never fetch; a request without its patient gets 412.
+    pub fhir_servers: Vec<String>,
+    /// Time a prefetch fetch may take.
+    pub fetch_timeout_secs: u64,
+}
+
+impl Default for CdsConfig {
+    fn default() -> Self {
+        Self {
+            hooks_dir: PathBuf::from("hooks"),
+            review_app_url: None,
+            fhir_servers: Vec::new(),
+            fetch_timeout_secs: 5,
+        }
+    }
 }
 
 /// Prior-authorization policies.
@@ -249,6 +276,19 @@ impl Config {
                 }
                 "fhir__max_page_size" => self.fhir.max_page_size = parse(&value).map_err(bad)?,
                 "pa__policies_dir" => self.pa.policies_dir = PathBuf::from(&value),
+                "cds__hooks_dir" => self.cds.hooks_dir = PathBuf::from(&value),
+                "cds__review_app_url" => self.cds.review_app_url = Some(value.clone()),
+                "cds__fhir_servers" => {
+                    self.cds.fhir_servers = value
+                        .split(',')
+                        .map(str::trim)
+                        .filter(|s| !s.is_empty())
+                        .map(str::to_owned)
+                        .collect()
+                }
+                "cds__fetch_timeout_secs" => {
+                    self.cds.fetch_timeout_secs = parse(&value).map_err(bad)?
+                }
                 "log__level" => self.log.level = value.clone(),
                 "log__format" => {
                     self.log.format = match value.as_str() {

@@ -29,6 +29,9 @@ pub struct CriterionResult {
     pub detail: String,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub parts: Vec<CriterionResult>,
+    /// How the parts combine (for reporting what is missing).
+    #[serde(skip)]
+    any: bool,
 }
 
 impl CriterionResult {
@@ -44,26 +47,39 @@ impl CriterionResult {
             evidence,
             detail: detail.into(),
             parts: Vec::new(),
+            any: false,
         }
     }
 
-    /// Labels of the unmet or unknown tests that would decide this result: what is missing.
+    /// The unmet or unknown tests that stand between this result and "met": what is missing.
+    /// For an `any`, that is the alternative closest to being met — the one with the most tests
+    /// already met, then the fewest missing — not every alternative: a clinician wants the path
+    /// the patient is on, not a list of red flags the patient does not have.
     pub fn missing(&self) -> Vec<String> {
-        let mut out = Vec::new();
-        self.collect_missing(&mut out);
-        out
-    }
-
-    fn collect_missing(&self, out: &mut Vec<String>) {
         if self.status == Status::Met {
-            return;
+            return Vec::new();
         }
         if self.parts.is_empty() {
-            out.push(format!("{}: {}", self.label, self.detail));
+            return vec![format!("{}: {}", self.label, self.detail)];
+        }
+        let open = self.parts.iter().filter(|p| p.status != Status::Met);
+        if self.any {
+            open.map(|p| (p.met_tests(), p.missing()))
+                .filter(|(_, m)| !m.is_empty())
+                .min_by_key(|(met, m)| (std::cmp::Reverse(*met), m.len()))
+                .map(|(_, m)| m)
+                .unwrap_or_default()
         } else {
-            for part in &self.parts {
-                part.collect_missing(out);
-            }
+            open.flat_map(CriterionResult::missing).collect()
+        }
+    }
+
+    /// How many single tests under this result are met.
+    fn met_tests(&self) -> usize {
+        if self.parts.is_empty() {
+            usize::from(self.status == Status::Met)
+        } else {
+            self.parts.iter().map(CriterionResult::met_tests).sum()
         }
     }
 
@@ -104,15 +120,19 @@ pub fn evaluate(
                 Status::Unknown
             }
         }),
-        Criterion::Any(items) => combine("any of", items, policy, ctx, |s| {
-            if s.contains(&Status::Met) {
-                Status::Met
-            } else if s.iter().all(|x| *x == Status::Unmet) {
-                Status::Unmet
-            } else {
-                Status::Unknown
-            }
-        }),
+        Criterion::Any(items) => {
+            let mut result = combine("any of", items, policy, ctx, |s| {
+                if s.contains(&Status::Met) {
+                    Status::Met
+                } else if s.iter().all(|x| *x == Status::Unmet) {
+                    Status::Unmet
+                } else {
+                    Status::Unknown
+                }
+            });
+            result.any = true;
+            result
+        }
         Criterion::Not(inner) => {
             let part = evaluate(inner, policy, ctx);
             let status = match part.status {
@@ -126,6 +146,7 @@ pub fn evaluate(
                 evidence: Vec::new(),
                 detail: String::new(),
                 parts: vec![part],
+                any: false,
             }
         }
         Criterion::Ref(name) => match policy.criteria.get(name) {
@@ -423,6 +444,7 @@ fn combine(
         evidence: Vec::new(),
         detail: String::new(),
         parts,
+        any: false,
     }
 }
 
@@ -504,14 +526,50 @@ mod tests {
         let r = |name: &str| Criterion::Ref(name.into());
         let eval = |c: Criterion| evaluate(&c, &p, &ctx).status;
         assert_eq!(eval(Criterion::All(vec![r("met"), r("met")])), Status::Met);
-        assert_eq!(eval(Criterion::All(vec![r("met"), r("unknown")])), Status::Unknown);
-        assert_eq!(eval(Criterion::All(vec![r("unmet"), r("unknown")])), Status::Unmet);
-        assert_eq!(eval(Criterion::Any(vec![r("unmet"), r("unknown")])), Status::Unknown);
-        assert_eq!(eval(Criterion::Any(vec![r("met"), r("unknown")])), Status::Met);
-        assert_eq!(eval(Criterion::Any(vec![r("unmet"), r("unmet")])), Status::Unmet);
+        assert_eq!(
+            eval(Criterion::All(vec![r("met"), r("unknown")])),
+            Status::Unknown
+        );
+        assert_eq!(
+            eval(Criterion::All(vec![r("unmet"), r("unknown")])),
+            Status::Unmet
+        );
+        assert_eq!(
+            eval(Criterion::Any(vec![r("unmet"), r("unknown")])),
+            Status::Unknown
+        );
+        assert_eq!(
+            eval(Criterion::Any(vec![r("met"), r("unknown")])),
+            Status::Met
+        );
+        assert_eq!(
+            eval(Criterion::Any(vec![r("unmet"), r("unmet")])),
+            Status::Unmet
+        );
         assert_eq!(eval(Criterion::Not(Box::new(r("met")))), Status::Unmet);
-        assert_eq!(eval(Criterion::Not(Box::new(r("unknown")))), Status::Unknown);
-        let result = evaluate(&Criterion::All(vec![r("met"), r("unknown"), r("unmet")]), &p, &ctx);
-        assert_eq!(result.missing().len(), 2, "only the undecided tests are missing");
+        assert_eq!(
+            eval(Criterion::Not(Box::new(r("unknown")))),
+            Status::Unknown
+        );
+        let result = evaluate(
+            &Criterion::All(vec![r("met"), r("unknown"), r("unmet")]),
+            &p,
+            &ctx,
+        );
+        assert_eq!(
+            result.missing().len(),
+            2,
+            "only the undecided tests are missing"
+        );
+        // For `any`, the closest alternative: one test rather than two.
+        let result = evaluate(
+            &Criterion::Any(vec![
+                Criterion::All(vec![r("unmet"), r("unknown")]),
+                Criterion::All(vec![r("met"), r("unknown")]),
+            ]),
+            &p,
+            &ctx,
+        );
+        assert_eq!(result.missing().len(), 1);
     }
 }

@@ -26,6 +26,9 @@ impl TestApp {
         let mut config = Config::default();
         config.store.data_dir = data_dir.path().to_path_buf();
         config.log.level = "warn".into();
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        config.pa.policies_dir = root.join("policies");
+        config.cds.hooks_dir = root.join("hooks");
         configure(&mut config);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await

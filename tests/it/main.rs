@@ -3,6 +3,7 @@
 mod helpers;
 
 mod bad_input;
+mod cds;
 mod client;
 mod conformance;
 mod durability;

@@ -1,0 +1,536 @@
+//! CDS Hooks / Da Vinci CRD services: discovery, every request example in the fixtures, the
+//! prior-authorization answers as cards and coverage-information, bad input, feedback.
+
+use std::sync::OnceLock;
+
+use fhirgate::fhir::SchemaValidator;
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+
+use crate::helpers::{fixtures, json, read_json, TestApp};
+
+const CPT: &str = "http://www.ama-assn.org/go/cpt";
+const COVERAGE_INFORMATION: &str =
+    "http://hl7.org/fhir/us/davinci-crd/StructureDefinition/ext-coverage-information";
+
+fn schema() -> &'static SchemaValidator {
+    static S: OnceLock<SchemaValidator> = OnceLock::new();
+    S.get_or_init(|| SchemaValidator::bundled().expect("schema"))
+}
+
+async fn call(app: &TestApp, service: &str, body: &Value) -> (StatusCode, Value) {
+    json(
+        app.client
+            .post(app.url(&format!("/cds-services/{service}")))
+            .json(body)
+            .send()
+            .await
+            .expect("call"),
+    )
+    .await
+}
+
+/// Checks the CDS Hooks and CRD rules every response must follow.
+fn assert_spec_valid(response: &Value) {
+    let cards = response["cards"].as_array().expect("cards array");
+    for card in cards {
+        assert!(uuid_like(card["uuid"].as_str()), "card uuid: {card}");
+        let summary = card["summary"].as_str().expect("summary");
+        assert!(
+            !summary.is_empty() && summary.chars().count() <= 140,
+            "summary: {summary}"
+        );
+        assert!(
+            matches!(
+                card["indicator"].as_str(),
+                Some("info" | "warning" | "critical")
+            ),
+            "{card}"
+        );
+        assert!(
+            card["source"]["label"]
+                .as_str()
+                .is_some_and(|l| !l.is_empty()),
+            "{card}"
+        );
+        assert!(card["source"]["topic"]["code"].as_str().is_some(), "{card}");
+        if let Some(suggestions) = card.get("suggestions") {
+            assert!(!suggestions.as_array().expect("array").is_empty());
+            assert!(
+                card["selectionBehavior"].as_str().is_some(),
+                "selectionBehavior with suggestions: {card}"
+            );
+        }
+        for link in card["links"].as_array().into_iter().flatten() {
+            assert!(
+                matches!(link["type"].as_str(), Some("absolute" | "smart")),
+                "{link}"
+            );
+        }
+    }
+    for action in response["systemActions"].as_array().into_iter().flatten() {
+        assert_eq!(action["type"], "update");
+        let resource = &action["resource"];
+        schema()
+            .validate(resource)
+            .unwrap_or_else(|e| panic!("annotated order is not valid R4: {e}: {resource}"));
+        let info = resource["extension"]
+            .as_array()
+            .expect("extensions")
+            .iter()
+            .find(|e| e["url"] == COVERAGE_INFORMATION)
+            .expect("coverage-information");
+        let part = |name: &str| {
+            info["extension"]
+                .as_array()
+                .expect("parts")
+                .iter()
+                .find(|p| p["url"] == name)
+                .cloned()
+        };
+        assert!(matches!(
+            part("covered").expect("covered")["valueCode"].as_str(),
+            Some("covered" | "not-covered" | "conditional")
+        ));
+        assert!(part("date").is_some() && part("coverage-assertion-id").is_some());
+    }
+}
+
+fn uuid_like(s: Option<&str>) -> bool {
+    s.is_some_and(|s| s.len() == 36 && s.chars().filter(|c| *c == '-').count() == 4)
+}
+
+#[tokio::test]
+async fn discovery_lists_the_crd_services() {
+    let app = TestApp::start().await;
+    let (status, body) = json(
+        app.client
+            .get(app.url("/cds-services"))
+            .send()
+            .await
+            .expect("get"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    let services = body["services"].as_array().expect("services");
+    let hooks: Vec<&str> = services.iter().filter_map(|s| s["hook"].as_str()).collect();
+    for hook in [
+        "order-sign",
+        "order-select",
+        "order-dispatch",
+        "appointment-book",
+        "encounter-start",
+        "encounter-discharge",
+    ] {
+        assert!(hooks.contains(&hook), "{hook} missing from {hooks:?}");
+    }
+    for s in services {
+        assert!(s["id"].is_string() && s["title"].is_string() && s["description"].is_string());
+        assert_eq!(s["prefetch"]["patient"], "Patient/{{context.patientId}}");
+        let options = s["extension"]["davinci-crd.configuration-options"]
+            .as_array()
+            .expect("options");
+        assert!(options.iter().any(|o| o["code"] == "coverage-info"));
+    }
+}
+
+/// A FHIR server standing in for the EHR: fhirgate itself, seeded with the patients the
+/// request examples name, each covered by Acme Health Plan.
+async fn ehr_with(patients: &[String]) -> TestApp {
+    let ehr = TestApp::start().await;
+    for id in patients {
+        let patient =
+            json!({"resourceType":"Patient","id":id,"gender":"female","birthDate":"1970-01-01"});
+        assert!(ehr
+            .put(&format!("/Patient/{id}"), &patient)
+            .await
+            .status()
+            .is_success());
+        let coverage = json!({"resourceType":"Coverage","id":format!("cov-{id}"),"status":"active",
+            "beneficiary":{"reference":format!("Patient/{id}")},"payor":[{"display":"Acme Health Plan"}]});
+        assert!(ehr
+            .put(&format!("/Coverage/cov-{id}"), &coverage)
+            .await
+            .status()
+            .is_success());
+    }
+    ehr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_request_example_is_answered_per_spec() {
+    let mut examples: Vec<(String, Value)> = Vec::new();
+    for dir in ["davinci/crd-hooks", "cds-hooks"] {
+        for entry in std::fs::read_dir(fixtures().join(dir)).expect("dir") {
+            let path = entry.expect("entry").path();
+            let name = path
+                .file_name()
+                .expect("name")
+                .to_string_lossy()
+                .into_owned();
+            if name.contains("Request") || name.contains("request") {
+                examples.push((name, read_json(&path)));
+            }
+        }
+    }
+    examples.sort_by(|a, b| a.0.cmp(&b.0));
+    let patients: Vec<String> = examples
+        .iter()
+        .filter_map(|(_, e)| e["context"]["patientId"].as_str().map(str::to_owned))
+        .collect();
+    let ehr = ehr_with(&patients).await;
+    let ehr_base = ehr.fhir("");
+    let app = TestApp::start_with(|c| c.cds.fhir_servers = vec![ehr_base.clone()]).await;
+
+    let mut answered = 0;
+    for (name, mut example) in examples {
+        let hook = example["hook"].as_str().expect("hook").to_owned();
+        // Point the example at the stand-in EHR and lend a token for it.
+        example["fhirServer"] = json!(ehr_base);
+        example["fhirAuthorization"] = json!({"access_token":"test-token","token_type":"Bearer","expires_in":300,"scope":"patient/*.read","subject":"cds-service"});
+        let (status, body) = call(&app, &format!("crd-{hook}"), &example).await;
+        match hook.as_str() {
+            // Hooks this server has no service for.
+            "patient-view" => assert_eq!(status, StatusCode::NOT_FOUND, "{name}"),
+            _ if example["context"].get("draftOrders").is_none()
+                && matches!(hook.as_str(), "order-sign" | "order-select") =>
+            {
+                // The 1.0-era example names `medications` instead of `draftOrders`.
+                assert_eq!(status, StatusCode::BAD_REQUEST, "{name}: {body}");
+                assert!(body["issue"][0]["diagnostics"]
+                    .as_str()
+                    .expect("text")
+                    .contains("draftOrders"));
+            }
+            _ => {
+                assert_eq!(status, StatusCode::OK, "{name}: {body}");
+                assert_spec_valid(&body);
+                answered += 1;
+            }
+        }
+    }
+    assert!(answered >= 5, "answered {answered} examples");
+}
+
+/// An order-sign request for an Acme patient with low back pain and no therapy on record.
+fn lumbar_mri_request(payer: &str, code: &str) -> Value {
+    let order = json!({"resourceType":"ServiceRequest","id":"mri-1","status":"draft","intent":"order",
+        "code":{"coding":[{"system":CPT,"code":code}]},"subject":{"reference":"Patient/p1"}});
+    json!({
+        "hook": "order-sign",
+        "hookInstance": "d1577c69-dfbe-44ad-ba6d-3e05e953b2ea",
+        "context": {"userId": "Practitioner/doc", "patientId": "p1",
+            "draftOrders": {"resourceType": "Bundle", "type": "collection", "entry": [{"resource": order}]}},
+        "prefetch": {
+            "patient": {"resourceType":"Patient","id":"p1","gender":"male","birthDate":"1968-04-02"},
+            "coverage": {"resourceType":"Bundle","type":"searchset","entry":[{"resource":
+                {"resourceType":"Coverage","id":"cov1","status":"active","beneficiary":{"reference":"Patient/p1"},"payor":[{"display":payer}]}}]},
+            "conditions": {"resourceType":"Bundle","type":"searchset","entry":[{"resource":
+                {"resourceType":"Condition","id":"lbp","clinicalStatus":{"coding":[{"code":"active"}]},
+                 "code":{"coding":[{"system":"http://hl7.org/fhir/sid/icd-10-cm","code":"M54.50"}]},"subject":{"reference":"Patient/p1"}}}]},
+            "procedures": {"resourceType":"Bundle","type":"searchset"}
+        }
+    })
+}
+
+#[tokio::test]
+async fn prior_auth_needed_gives_instructions_reference_and_review_app() {
+    let app = TestApp::start_with(|c| {
+        c.cds.review_app_url = Some("https://fhirgate.example/app/launch".into())
+    })
+    .await;
+    let (status, body) = call(
+        &app,
+        "crd-order-sign",
+        &lumbar_mri_request("Acme Health Plan", "72148"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_spec_valid(&body);
+    let cards = body["cards"].as_array().expect("cards");
+    let instructions = &cards[0];
+    assert_eq!(instructions["indicator"], "warning");
+    assert_eq!(
+        instructions["summary"],
+        "Acme Health Plan requires prior authorization for MRI of the lumbar spine"
+    );
+    let detail = instructions["detail"].as_str().expect("detail");
+    assert!(detail.contains("6 weeks of physical therapy"), "{detail}");
+    assert!(detail.contains("Attach to the request"), "{detail}");
+    assert_eq!(
+        instructions["extension"]["davinci-crd.associated-resource"][0]["reference"],
+        "ServiceRequest/mri-1"
+    );
+    let smart = cards
+        .iter()
+        .find(|c| c["links"][0]["type"] == "smart")
+        .expect("a SMART launch card");
+    let app_context: Value = serde_json::from_str(
+        smart["links"][0]["appContext"]
+            .as_str()
+            .expect("appContext"),
+    )
+    .expect("json");
+    assert_eq!(app_context["order"], "ServiceRequest/mri-1");
+    let reference = cards
+        .iter()
+        .find(|c| c["source"]["topic"]["code"] == "guideline")
+        .expect("an external reference card");
+    assert!(reference["links"][0]["url"]
+        .as_str()
+        .expect("url")
+        .contains("mri-lumbar"));
+
+    let annotated = &body["systemActions"][0]["resource"];
+    assert_eq!(annotated["id"], "mri-1");
+    let parts = &annotated["extension"][0]["extension"];
+    let value = |name: &str| {
+        parts
+            .as_array()
+            .expect("parts")
+            .iter()
+            .find(|p| p["url"] == name)
+            .cloned()
+            .unwrap_or(Value::Null)
+    };
+    assert_eq!(value("covered")["valueCode"], "conditional");
+    assert_eq!(value("pa-needed")["valueCode"], "auth-needed");
+    assert_eq!(value("doc-needed")["valueCode"], "clinical");
+    assert_eq!(value("billingCode")["valueCoding"]["code"], "72148");
+    assert_eq!(
+        value("coverage")["valueReference"]["reference"],
+        "Coverage/cov1"
+    );
+}
+
+/// Replaces what changes from run to run (card ids, today's date, assertion ids).
+fn stable(mut body: Value) -> Value {
+    for card in body["cards"].as_array_mut().into_iter().flatten() {
+        card["uuid"] = json!("[uuid]");
+    }
+    for action in body["systemActions"].as_array_mut().into_iter().flatten() {
+        for ext in action["resource"]["extension"]
+            .as_array_mut()
+            .into_iter()
+            .flatten()
+        {
+            for part in ext["extension"].as_array_mut().into_iter().flatten() {
+                if part["url"] == "date" {
+                    part["valueDate"] = json!("[today]");
+                }
+            }
+        }
+    }
+    body
+}
+
+#[tokio::test]
+async fn answers_snapshot() {
+    let app = TestApp::start().await;
+    let (_, body) = call(
+        &app,
+        "crd-order-sign",
+        &lumbar_mri_request("Acme Health Plan", "72148"),
+    )
+    .await;
+    insta::assert_json_snapshot!("order_sign_lumbar_mri_pa_needed", stable(body));
+    let (_, body) = call(
+        &app,
+        "crd-order-sign",
+        &lumbar_mri_request("Cedar Mutual", "97810"),
+    )
+    .await;
+    insta::assert_json_snapshot!("order_sign_not_covered", stable(body));
+}
+
+#[tokio::test]
+async fn not_covered_unknown_payer_and_configuration() {
+    let app = TestApp::start().await;
+    // Cedar excludes acupuncture.
+    let (_, body) = call(
+        &app,
+        "crd-order-sign",
+        &lumbar_mri_request("Cedar Mutual", "97810"),
+    )
+    .await;
+    assert_spec_valid(&body);
+    assert!(body["cards"][0]["summary"]
+        .as_str()
+        .expect("summary")
+        .starts_with("Not covered by Cedar Mutual"));
+    assert_eq!(
+        body["systemActions"][0]["resource"]["extension"][0]["extension"][1]["valueCode"],
+        "not-covered"
+    );
+    // A payer without policies here: coverage unknown, no crash, no coverage assertion.
+    let (status, body) = call(
+        &app,
+        "crd-order-sign",
+        &lumbar_mri_request("Nobody Mutual", "72148"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_spec_valid(&body);
+    assert_eq!(
+        body["cards"][0]["summary"],
+        "Coverage requirements could not be determined"
+    );
+    assert!(body.get("systemActions").is_none());
+    // Covered without PA: the system action alone, no cards.
+    let (_, body) = call(
+        &app,
+        "crd-order-sign",
+        &lumbar_mri_request("Acme Health Plan", "99213"),
+    )
+    .await;
+    assert_eq!(body["cards"].as_array().map(Vec::len), Some(0));
+    assert_eq!(
+        body["systemActions"][0]["resource"]["extension"][0]["extension"][2]["valueCode"],
+        "no-auth"
+    );
+    // davinci-crd.configuration: no coverage-info, at most one card.
+    let mut request = lumbar_mri_request("Acme Health Plan", "72148");
+    request["extension"] =
+        json!({"davinci-crd.configuration": {"coverage-info": false, "max-cards": 1}});
+    let (_, body) = call(&app, "crd-order-sign", &request).await;
+    assert!(body.get("systemActions").is_none());
+    assert_eq!(body["cards"].as_array().map(Vec::len), Some(1));
+}
+
+#[tokio::test]
+async fn bad_requests() {
+    let app = TestApp::start().await;
+    let good = lumbar_mri_request("Acme Health Plan", "72148");
+    let raw = |body: &'static str| {
+        let client = app.client.clone();
+        let url = app.url("/cds-services/crd-order-sign");
+        async move {
+            json(
+                client
+                    .post(url)
+                    .header("content-type", "application/json")
+                    .body(body)
+                    .send()
+                    .await
+                    .expect("post"),
+            )
+            .await
+        }
+    };
+    let (status, _) = raw("{not json").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    let (status, _) = call(&app, "no-such-service", &good).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    for field in ["hook", "hookInstance", "context"] {
+        let mut body = good.clone();
+        body.as_object_mut().expect("object").remove(field);
+        let (status, outcome) = call(&app, "crd-order-sign", &body).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{field}");
+        assert!(outcome["issue"][0]["diagnostics"]
+            .as_str()
+            .expect("text")
+            .contains(field));
+    }
+    // The context of another hook.
+    let mut body = good.clone();
+    body["hook"] = json!("appointment-book");
+    assert_eq!(
+        call(&app, "crd-order-sign", &body).await.0,
+        StatusCode::BAD_REQUEST
+    );
+    let (status, _) = call(&app, "crd-appointment-book", &body).await;
+    assert_eq!(
+        status,
+        StatusCode::BAD_REQUEST,
+        "appointment-book without appointments"
+    );
+    // fhirAuthorization without fhirServer.
+    let mut body = good.clone();
+    body["fhirAuthorization"] = json!({"access_token":"t","token_type":"Bearer"});
+    assert_eq!(
+        call(&app, "crd-order-sign", &body).await.0,
+        StatusCode::BAD_REQUEST
+    );
+    // Prefetch of the wrong type.
+    let mut body = good.clone();
+    body["prefetch"]["patient"] = json!({"resourceType":"Observation","id":"x"});
+    assert_eq!(
+        call(&app, "crd-order-sign", &body).await.0,
+        StatusCode::BAD_REQUEST
+    );
+    // No patient and no way to fetch it: 412.
+    let mut body = good.clone();
+    body["prefetch"]
+        .as_object_mut()
+        .expect("object")
+        .remove("patient");
+    assert_eq!(
+        call(&app, "crd-order-sign", &body).await.0,
+        StatusCode::PRECONDITION_FAILED
+    );
+    // A FHIR server that is not on the allow-list is never contacted: 412.
+    body["fhirServer"] = json!("http://169.254.169.254/latest");
+    body["fhirAuthorization"] = json!({"access_token":"t","token_type":"Bearer"});
+    let (status, outcome) = call(&app, "crd-order-sign", &body).await;
+    assert_eq!(status, StatusCode::PRECONDITION_FAILED);
+    assert!(outcome["issue"][0]["diagnostics"]
+        .as_str()
+        .expect("text")
+        .contains("not an allowed FHIR server"));
+    // Orders without codes: answered, coverage unknown.
+    let mut body = good.clone();
+    body["context"]["draftOrders"]["entry"][0]["resource"]
+        .as_object_mut()
+        .expect("order")
+        .remove("code");
+    let (status, answer) = call(&app, "crd-order-sign", &body).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(answer["cards"][0]["detail"]
+        .as_str()
+        .expect("detail")
+        .contains("no code"));
+}
+
+#[tokio::test]
+async fn feedback_is_accepted_and_counted() {
+    let app = TestApp::start().await;
+    let example = read_json(&fixtures().join("cds-hooks/specification-current__24_feedback.json"));
+    let response = app
+        .client
+        .post(app.url("/cds-services/crd-order-sign/feedback"))
+        .json(&example)
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(response.status(), StatusCode::OK);
+    let overridden = json!({"feedback":[{"card":"4e0a3a1e-3283-4575-ab82-028d55fe2719","outcome":"overridden",
+        "overrideReason":{"reason":{"code":"patient-refused","system":"http://example.org/cds-services/fhir/CodeSystem/override-reasons"},"userComment":"prefers to wait"},
+        "outcomeTimestamp":"2024-06-01T10:05:31Z"}]});
+    let response = app
+        .client
+        .post(app.url("/cds-services/crd-order-sign/feedback"))
+        .json(&overridden)
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(response.status(), StatusCode::OK);
+    let bad = json!({"feedback":[{"card":"x","outcome":"maybe","outcomeTimestamp":"2024-06-01T10:05:31Z"}]});
+    let response = app
+        .client
+        .post(app.url("/cds-services/crd-order-sign/feedback"))
+        .json(&bad)
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+    let metrics = app
+        .client
+        .get(app.url("/metrics"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    assert!(metrics.contains("fhirgate_cds_feedback_total{service=\"crd-order-sign\",outcome=\"overridden\",override_reason=\"patient-refused\"}"), "{metrics}");
+}
