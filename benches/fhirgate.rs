@@ -180,6 +180,71 @@ fn router_put_get(c: &mut Criterion) {
     group.finish();
 }
 
+/// An order-sign call with complete prefetch (~5 KB): MRI of the lumbar spine for an Acme patient
+/// with a problem list, vital signs and therapy on record.
+fn order_sign_request() -> Vec<u8> {
+    let entry = |r: Value| json!({"resource": r});
+    let observations: Vec<Value> = (0..8)
+        .map(|i| entry(json!({"resourceType":"Observation","id":format!("o{i}"),"status":"final",
+            "code":{"coding":[{"system":"http://loinc.org","code":"39156-5","display":"Body mass index"}]},
+            "valueQuantity":{"value":27.5 + i as f64 / 10.0,"unit":"kg/m2"},"effectiveDateTime":"2024-05-01T10:00:00Z",
+            "subject":{"reference":"Patient/p1"}})))
+        .collect();
+    let body = json!({
+        "hook": "order-sign",
+        "hookInstance": "d1577c69-dfbe-44ad-ba6d-3e05e953b2ea",
+        "context": {"userId": "Practitioner/doc", "patientId": "p1", "draftOrders": {"resourceType": "Bundle", "type": "collection",
+            "entry": [entry(json!({"resourceType":"ServiceRequest","id":"mri-1","status":"draft","intent":"order",
+                "code":{"coding":[{"system":"http://www.ama-assn.org/go/cpt","code":"72148","display":"MRI lumbar spine"}]},
+                "subject":{"reference":"Patient/p1"}}))]}},
+        "prefetch": {
+            "patient": {"resourceType":"Patient","id":"p1","gender":"male","birthDate":"1968-04-02","name":[{"family":"Bench","given":["Synthetic"]}]},
+            "coverage": {"resourceType":"Bundle","type":"searchset","entry":[entry(json!({"resourceType":"Coverage","id":"cov1","status":"active",
+                "beneficiary":{"reference":"Patient/p1"},"payor":[{"display":"Acme Health Plan"}]}))]},
+            "conditions": {"resourceType":"Bundle","type":"searchset","entry":[entry(json!({"resourceType":"Condition","id":"lbp",
+                "clinicalStatus":{"coding":[{"code":"active"}]},"code":{"coding":[{"system":"http://hl7.org/fhir/sid/icd-10-cm","code":"M54.50"}]},
+                "subject":{"reference":"Patient/p1"},"onsetDateTime":"2024-01-10"}))]},
+            "procedures": {"resourceType":"Bundle","type":"searchset","entry":[entry(json!({"resourceType":"Procedure","id":"pt","status":"completed",
+                "code":{"coding":[{"system":"http://www.ama-assn.org/go/cpt","code":"97110"}]},"subject":{"reference":"Patient/p1"},
+                "performedPeriod":{"start":"2024-03-01","end":"2024-05-01"}}))]},
+            "observations": {"resourceType":"Bundle","type":"searchset","entry":observations},
+        }
+    });
+    serde_json::to_vec(&body).expect("json")
+}
+
+fn cds_order_sign(c: &mut Criterion) {
+    use tower::ServiceExt;
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut config = fhirgate::config::Config::default();
+    config.store.data_dir = dir.path().to_path_buf();
+    config.pa.policies_dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("policies");
+    config.cds.hooks_dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("hooks");
+    let app = runtime
+        .block_on(async { fhirgate::App::build(&config, "http://bench") })
+        .expect("app");
+    let body = order_sign_request();
+    let mut group = c.benchmark_group("cds");
+    group.throughput(Throughput::Bytes(body.len() as u64));
+    group.bench_function("order_sign_full_prefetch", |b| {
+        b.to_async(&runtime).iter(|| {
+            let router = app.router.clone();
+            let body = body.clone();
+            async move {
+                let request = http::Request::post("/cds-services/crd-order-sign")
+                    .header("content-type", "application/json")
+                    .body(axum::body::Body::from(body))
+                    .expect("request");
+                let response = router.oneshot(request).await.expect("call");
+                assert!(response.status().is_success());
+                let _ = axum::body::to_bytes(response.into_body(), usize::MAX).await;
+            }
+        })
+    });
+    group.finish();
+}
+
 /// PUT then GET over loopback TCP with a pooled client, for comparison with the in-process path.
 fn http_put_get(c: &mut Criterion) {
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
@@ -273,6 +338,7 @@ criterion_group!(
     store,
     router_put_get,
     http_put_get,
-    ingest
+    ingest,
+    cds_order_sign
 );
 criterion_main!(benches);
