@@ -221,27 +221,65 @@ fn cds_order_sign(c: &mut Criterion) {
     config.store.data_dir = dir.path().to_path_buf();
     config.pa.policies_dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("policies");
     config.cds.hooks_dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("hooks");
+    let certs = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("certs");
+    config.cds.issuers = vec![fhirgate::config::TrustedIssuer {
+        iss: "https://ehr.test".into(),
+        jwks_file: Some(certs.join("test-cds-client.jwks.json")),
+        jwks_url: None,
+        jku: Vec::new(),
+    }];
     let app = runtime
         .block_on(async { fhirgate::App::build(&config, "http://bench") })
         .expect("app");
     let body = order_sign_request();
     let mut group = c.benchmark_group("cds");
     group.throughput(Throughput::Bytes(body.len() as u64));
-    group.bench_function("order_sign_full_prefetch", |b| {
-        b.to_async(&runtime).iter(|| {
-            let router = app.router.clone();
-            let body = body.clone();
-            async move {
-                let request = http::Request::post("/cds-services/crd-order-sign")
-                    .header("content-type", "application/json")
-                    .body(axum::body::Body::from(body))
-                    .expect("request");
-                let response = router.oneshot(request).await.expect("call");
-                assert!(response.status().is_success());
-                let _ = axum::body::to_bytes(response.into_body(), usize::MAX).await;
-            }
-        })
-    });
+    // Each call needs a fresh token (a jti is accepted once); tokens are signed outside the
+    // measured part.
+    for (alg, file, kid) in [
+        (
+            jsonwebtoken::Algorithm::RS384,
+            "test-cds-client-rs384.key",
+            "test-rs384",
+        ),
+        (
+            jsonwebtoken::Algorithm::ES384,
+            "test-cds-client-es384.key",
+            "test-es384",
+        ),
+    ] {
+        let pem = std::fs::read(certs.join(file)).expect("key");
+        let key = match alg {
+            jsonwebtoken::Algorithm::ES384 => jsonwebtoken::EncodingKey::from_ec_pem(&pem),
+            _ => jsonwebtoken::EncodingKey::from_rsa_pem(&pem),
+        }
+        .expect("pem");
+        let token = move || {
+            let now = time::OffsetDateTime::now_utc().unix_timestamp();
+            let claims = json!({"iss": "https://ehr.test", "aud": "http://bench/cds-services/crd-order-sign",
+                "exp": now + 300, "iat": now, "jti": uuid::Uuid::new_v4().to_string()});
+            let mut header = jsonwebtoken::Header::new(alg);
+            header.kid = Some(kid.into());
+            jsonwebtoken::encode(&header, &claims, &key).expect("sign")
+        };
+        let name = format!("order_sign_full_prefetch_{alg:?}_jwt").to_lowercase();
+        group.bench_function(name, |b| {
+            b.to_async(&runtime).iter_batched(
+                || (token(), app.router.clone(), body.clone()),
+                |(token, router, body)| async move {
+                    let request = http::Request::post("/cds-services/crd-order-sign")
+                        .header("content-type", "application/json")
+                        .header("authorization", format!("Bearer {token}"))
+                        .body(axum::body::Body::from(body))
+                        .expect("request");
+                    let response = router.oneshot(request).await.expect("call");
+                    assert!(response.status().is_success());
+                    let _ = axum::body::to_bytes(response.into_body(), usize::MAX).await;
+                },
+                criterion::BatchSize::SmallInput,
+            )
+        });
+    }
     group.finish();
 }
 

@@ -80,6 +80,15 @@ impl App {
                 &config.cds.fhir_servers,
                 Duration::from_secs(config.cds.fetch_timeout_secs),
             )?,
+            auth: cds::auth::ClientAuth::new(
+                config.cds.require_jwt,
+                &config.cds.issuers,
+                reqwest::Client::builder()
+                    .redirect(reqwest::redirect::Policy::none())
+                    .timeout(Duration::from_secs(config.cds.fetch_timeout_secs))
+                    .build()?,
+            )?,
+            public_base: public_base.trim_end_matches('/').to_owned(),
         });
         let routes = server::router(fhir)
             .merge(cds::router(cds))

@@ -6,7 +6,7 @@ use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, State};
 use axum::response::Response;
 use bytes::Bytes;
-use http::{header, HeaderValue, StatusCode};
+use http::{header, HeaderMap, HeaderValue, StatusCode};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
@@ -39,6 +39,18 @@ fn body(body: Result<Bytes, BytesRejection>) -> Result<Bytes, FhirError> {
     body.map_err(|r| FhirError::new(r.status(), Issue::error("invalid", r.body_text())))
 }
 
+/// Checks the caller's JWT; its audience is the service's URL.
+async fn authenticate(
+    api: &CdsApi,
+    headers: &HeaderMap,
+    service: &ServiceDefinition,
+) -> Result<(), FhirError> {
+    let audience = format!("{}/cds-services/{}", api.public_base, service.id);
+    api.auth
+        .verify(headers.get(header::AUTHORIZATION), &audience)
+        .await
+}
+
 /// `GET /cds-services`.
 pub async fn discovery(State(api): State<Arc<CdsApi>>) -> Response {
     json_answer(StatusCode::OK, &json!({ "services": api.services }))
@@ -48,9 +60,11 @@ pub async fn discovery(State(api): State<Arc<CdsApi>>) -> Response {
 pub async fn call(
     State(api): State<Arc<CdsApi>>,
     Path(id): Path<String>,
+    headers: HeaderMap,
     raw: Result<Bytes, BytesRejection>,
 ) -> Result<Response, FhirError> {
     let service = service(&api, &id)?;
+    authenticate(&api, &headers, service).await?;
     let raw = body(raw)?;
     let mut request = CdsRequest::parse(&raw, &service.hook, &service.prefetch)?;
     api.fetcher
@@ -132,9 +146,14 @@ struct FeedbackItem {
 pub async fn feedback(
     State(api): State<Arc<CdsApi>>,
     Path(id): Path<String>,
+    headers: HeaderMap,
     raw: Result<Bytes, BytesRejection>,
 ) -> Result<Response, FhirError> {
     let service = service(&api, &id)?;
+    let audience = format!("{}/cds-services/{}/feedback", api.public_base, service.id);
+    api.auth
+        .verify(headers.get(header::AUTHORIZATION), &audience)
+        .await?;
     let raw = body(raw)?;
     let parsed: FeedbackBody = serde_json::from_slice(&raw)
         .map_err(|e| FhirError::bad_request("invalid", format!("not CDS Hooks feedback: {e}")))?;

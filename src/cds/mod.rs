@@ -6,6 +6,7 @@
 //! module, and the answer carries a coverage-information system action per order plus cards a
 //! clinician can act on (see [`crd`]).
 
+pub mod auth;
 pub mod crd;
 mod handlers;
 pub mod prefetch;
@@ -98,6 +99,10 @@ pub struct CdsApi {
     pub policies: Arc<PolicySet>,
     pub settings: CdsSettings,
     pub fetcher: prefetch::PrefetchFetcher,
+    pub auth: auth::ClientAuth,
+    /// The base URL clients reach the server at; a JWT's `aud` must be
+    /// `{public_base}/cds-services/{id}`.
+    pub public_base: String,
 }
 
 /// The `/cds-services` routes.

@@ -80,6 +80,28 @@ pub struct CdsConfig {
     pub fhir_servers: Vec<String>,
     /// Time a prefetch fetch may take.
     pub fetch_timeout_secs: u64,
+    /// Require every CDS call to carry a JWT from a trusted issuer. Turn off only for local
+    /// development; the server warns loudly when it is off.
+    pub require_jwt: bool,
+    /// CDS clients whose JWTs are accepted.
+    pub issuers: Vec<TrustedIssuer>,
+}
+
+/// A CDS client whose signed JWTs are accepted.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrustedIssuer {
+    /// The `iss` the client puts in its tokens.
+    pub iss: String,
+    /// Its public keys, from a file (e.g. `certs/test-cds-client.jwks.json`).
+    #[serde(default)]
+    pub jwks_file: Option<PathBuf>,
+    /// Or from a URL fetched (and cached for five minutes) when needed.
+    #[serde(default)]
+    pub jwks_url: Option<String>,
+    /// `jku` header values accepted from this client (exact URLs).
+    #[serde(default)]
+    pub jku: Vec<String>,
 }
 
 impl Default for CdsConfig {
@@ -89,6 +111,8 @@ impl Default for CdsConfig {
             review_app_url: None,
             fhir_servers: Vec::new(),
             fetch_timeout_secs: 5,
+            require_jwt: true,
+            issuers: Vec::new(),
         }
     }
 }

@@ -7,7 +7,7 @@ use fhirgate::fhir::SchemaValidator;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 
-use crate::helpers::{fixtures, json, read_json, TestApp};
+use crate::helpers::{cds_jwt, cds_token, fixtures, json, read_json, TestApp};
 
 const CPT: &str = "http://www.ama-assn.org/go/cpt";
 const COVERAGE_INFORMATION: &str =
@@ -19,9 +19,12 @@ fn schema() -> &'static SchemaValidator {
 }
 
 async fn call(app: &TestApp, service: &str, body: &Value) -> (StatusCode, Value) {
+    let path = format!("/cds-services/{service}");
+    let token = cds_token(app, &path);
     json(
         app.client
-            .post(app.url(&format!("/cds-services/{service}")))
+            .post(app.url(&path))
+            .bearer_auth(token)
             .json(body)
             .send()
             .await
@@ -404,10 +407,12 @@ async fn bad_requests() {
     let raw = |body: &'static str| {
         let client = app.client.clone();
         let url = app.url("/cds-services/crd-order-sign");
+        let token = cds_token(&app, "/cds-services/crd-order-sign");
         async move {
             json(
                 client
                     .post(url)
+                    .bearer_auth(token)
                     .header("content-type", "application/json")
                     .body(body)
                     .send()
@@ -495,9 +500,18 @@ async fn bad_requests() {
 async fn feedback_is_accepted_and_counted() {
     let app = TestApp::start().await;
     let example = read_json(&fixtures().join("cds-hooks/specification-current__24_feedback.json"));
+    let anonymous = app
+        .client
+        .post(app.url("/cds-services/crd-order-sign/feedback"))
+        .json(&example)
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(anonymous.status(), StatusCode::UNAUTHORIZED);
     let response = app
         .client
         .post(app.url("/cds-services/crd-order-sign/feedback"))
+        .bearer_auth(cds_token(&app, "/cds-services/crd-order-sign/feedback"))
         .json(&example)
         .send()
         .await
@@ -509,6 +523,7 @@ async fn feedback_is_accepted_and_counted() {
     let response = app
         .client
         .post(app.url("/cds-services/crd-order-sign/feedback"))
+        .bearer_auth(cds_token(&app, "/cds-services/crd-order-sign/feedback"))
         .json(&overridden)
         .send()
         .await
@@ -518,6 +533,7 @@ async fn feedback_is_accepted_and_counted() {
     let response = app
         .client
         .post(app.url("/cds-services/crd-order-sign/feedback"))
+        .bearer_auth(cds_token(&app, "/cds-services/crd-order-sign/feedback"))
         .json(&bad)
         .send()
         .await
@@ -533,4 +549,275 @@ async fn feedback_is_accepted_and_counted() {
         .await
         .expect("text");
     assert!(metrics.contains("fhirgate_cds_feedback_total{service=\"crd-order-sign\",outcome=\"overridden\",override_reason=\"patient-refused\"}"), "{metrics}");
+}
+
+#[tokio::test]
+async fn jwt_matrix() {
+    use jsonwebtoken::Algorithm::{ES384, HS384, RS384};
+    let app = TestApp::start().await;
+    let path = "/cds-services/crd-order-sign";
+    let aud = app.url(path);
+    let body = lumbar_mri_request("Acme Health Plan", "72148");
+    let send = |token: Option<String>| {
+        let mut request = app.client.post(app.url(path)).json(&body);
+        if let Some(t) = token {
+            request = request.bearer_auth(t);
+        }
+        async move { request.send().await.expect("post").status() }
+    };
+    // Accepted: RS384 and ES384 from the trusted client.
+    assert_eq!(
+        send(Some(cds_jwt(
+            &aud,
+            RS384,
+            "test-cds-client-rs384.key",
+            "test-rs384",
+            |_| {}
+        )))
+        .await,
+        StatusCode::OK
+    );
+    assert_eq!(
+        send(Some(cds_jwt(
+            &aud,
+            ES384,
+            "test-cds-client-es384.key",
+            "test-es384",
+            |_| {}
+        )))
+        .await,
+        StatusCode::OK
+    );
+    // Discovery needs no token.
+    assert_eq!(
+        app.client
+            .get(app.url("/cds-services"))
+            .send()
+            .await
+            .expect("get")
+            .status(),
+        StatusCode::OK
+    );
+
+    let refused: Vec<(&str, Option<String>)> = vec![
+        ("no token", None),
+        ("alg none", Some(unsigned_token(&aud))),
+        (
+            "HMAC keyed with the public key",
+            Some(hmac_with_public_key(&aud)),
+        ),
+        (
+            "forged with another key",
+            Some(cds_jwt(
+                &aud,
+                RS384,
+                "test-untrusted-rs384.key",
+                "test-rs384",
+                |_| {},
+            )),
+        ),
+        (
+            "unknown kid",
+            Some(cds_jwt(
+                &aud,
+                RS384,
+                "test-cds-client-rs384.key",
+                "other",
+                |_| {},
+            )),
+        ),
+        (
+            "expired",
+            Some(cds_jwt(
+                &aud,
+                RS384,
+                "test-cds-client-rs384.key",
+                "test-rs384",
+                |c| {
+                    c["exp"] = json!(c["iat"].as_i64().expect("iat") - 600);
+                    c["iat"] = json!(c["iat"].as_i64().expect("iat") - 900);
+                },
+            )),
+        ),
+        (
+            "lives an hour",
+            Some(cds_jwt(
+                &aud,
+                RS384,
+                "test-cds-client-rs384.key",
+                "test-rs384",
+                |c| c["exp"] = json!(c["iat"].as_i64().expect("iat") + 3600),
+            )),
+        ),
+        (
+            "issued in the future",
+            Some(cds_jwt(
+                &aud,
+                RS384,
+                "test-cds-client-rs384.key",
+                "test-rs384",
+                |c| c["iat"] = json!(c["iat"].as_i64().expect("iat") + 600),
+            )),
+        ),
+        (
+            "wrong audience",
+            Some(cds_jwt(
+                &app.url("/cds-services/crd-order-select"),
+                RS384,
+                "test-cds-client-rs384.key",
+                "test-rs384",
+                |_| {},
+            )),
+        ),
+        (
+            "untrusted issuer",
+            Some(cds_jwt(
+                &aud,
+                RS384,
+                "test-cds-client-rs384.key",
+                "test-rs384",
+                |c| c["iss"] = json!("https://evil.test"),
+            )),
+        ),
+        (
+            "no jti",
+            Some(cds_jwt(
+                &aud,
+                RS384,
+                "test-cds-client-rs384.key",
+                "test-rs384",
+                |c| {
+                    c.as_object_mut().expect("claims").remove("jti");
+                },
+            )),
+        ),
+        (
+            "ES384 token claiming the RSA key",
+            Some(cds_jwt(
+                &aud,
+                ES384,
+                "test-cds-client-es384.key",
+                "test-rs384",
+                |_| {},
+            )),
+        ),
+    ];
+    for (why, token) in refused {
+        assert_eq!(send(token).await, StatusCode::UNAUTHORIZED, "{why}");
+    }
+    let _ = HS384;
+
+    // A token is good once.
+    let once = cds_jwt(
+        &aud,
+        RS384,
+        "test-cds-client-rs384.key",
+        "test-rs384",
+        |_| {},
+    );
+    assert_eq!(send(Some(once.clone())).await, StatusCode::OK);
+    assert_eq!(send(Some(once)).await, StatusCode::UNAUTHORIZED, "replayed");
+}
+
+/// `{"alg":"none"}` with a valid-looking payload and no signature.
+fn unsigned_token(aud: &str) -> String {
+    use base64::Engine as _;
+    let b64 = |v: &Value| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string());
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    format!(
+        "{}.{}.",
+        b64(&json!({"alg": "none", "typ": "JWT", "kid": "test-rs384"})),
+        b64(
+            &json!({"iss": crate::helpers::TEST_ISSUER, "aud": aud, "exp": now + 60, "iat": now, "jti": "n"})
+        )
+    )
+}
+
+/// The classic confusion attack: HS384 with the RSA public key's bytes as the HMAC secret.
+fn hmac_with_public_key(aud: &str) -> String {
+    let jwks = read_json(
+        &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("certs/test-cds-client.jwks.json"),
+    );
+    let secret = jwks["keys"][0]["n"].as_str().expect("n").to_owned();
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    let claims = json!({"iss": crate::helpers::TEST_ISSUER, "aud": aud, "exp": now + 60, "iat": now, "jti": "h"});
+    let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS384);
+    header.kid = Some("test-rs384".into());
+    jsonwebtoken::encode(
+        &header,
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .expect("sign")
+}
+
+#[tokio::test]
+async fn keys_from_an_allowed_jku_and_development_mode() {
+    // A JWKS served by the CDS client at a URL the issuer entry allows.
+    let jwks = read_json(
+        &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("certs/test-cds-client.jwks.json"),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let jku = format!("http://{}/jwks.json", listener.local_addr().expect("addr"));
+    let served = jwks.clone();
+    tokio::spawn(async move {
+        let router = axum::Router::new().route(
+            "/jwks.json",
+            axum::routing::get(move || async move { axum::Json(served) }),
+        );
+        let _ = axum::serve(listener, router).await;
+    });
+    let allowed = jku.clone();
+    let app = TestApp::start_with(move |c| {
+        c.cds.issuers[0].jwks_file = None;
+        c.cds.issuers[0].jku = vec![allowed];
+    })
+    .await;
+    let path = "/cds-services/crd-order-sign";
+    let body = lumbar_mri_request("Acme Health Plan", "72148");
+    let signed = |jku_header: &str| {
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        let claims = json!({"iss": crate::helpers::TEST_ISSUER, "aud": app.url(path), "exp": now + 120, "iat": now, "jti": uuid::Uuid::new_v4().to_string()});
+        let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS384);
+        header.kid = Some("test-rs384".into());
+        header.jku = Some(jku_header.to_owned());
+        let pem = std::fs::read(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("certs/test-cds-client-rs384.key"),
+        )
+        .expect("key");
+        jsonwebtoken::encode(
+            &header,
+            &claims,
+            &jsonwebtoken::EncodingKey::from_rsa_pem(&pem).expect("pem"),
+        )
+        .expect("sign")
+    };
+    let status = |token: String| {
+        let request = app
+            .client
+            .post(app.url(path))
+            .bearer_auth(token)
+            .json(&body);
+        async move { request.send().await.expect("post").status() }
+    };
+    assert_eq!(status(signed(&jku)).await, StatusCode::OK);
+    assert_eq!(
+        status(signed("http://127.0.0.1:1/evil.json")).await,
+        StatusCode::UNAUTHORIZED,
+        "jku not allowed"
+    );
+
+    // Development mode: no token needed (and the server says so in its log).
+    let dev = TestApp::start_with(|c| c.cds.require_jwt = false).await;
+    let response = dev
+        .client
+        .post(dev.url(path))
+        .json(&body)
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(response.status(), StatusCode::OK);
 }

@@ -7,6 +7,54 @@ use reqwest::{Client, Method, Response, StatusCode};
 use serde_json::Value;
 use tokio::sync::oneshot;
 
+/// The `iss` of the test CDS client whose keys are in `certs/`.
+pub const TEST_ISSUER: &str = "https://ehr.test";
+
+/// A CDS Hooks JWT from the test client for `audience`, signed with `key_file` (under `certs/`)
+/// as `kid`; `adjust` may change the claims before signing.
+pub fn cds_jwt(
+    audience: &str,
+    alg: jsonwebtoken::Algorithm,
+    key_file: &str,
+    kid: &str,
+    adjust: impl FnOnce(&mut Value),
+) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs() as i64;
+    let mut claims = serde_json::json!({
+        "iss": TEST_ISSUER, "sub": "ehr-client", "aud": audience,
+        "exp": now + 300, "iat": now, "jti": uuid::Uuid::new_v4().to_string(),
+    });
+    adjust(&mut claims);
+    let pem = std::fs::read(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("certs")
+            .join(key_file),
+    )
+    .expect("key");
+    let key = match alg {
+        jsonwebtoken::Algorithm::ES384 => jsonwebtoken::EncodingKey::from_ec_pem(&pem),
+        _ => jsonwebtoken::EncodingKey::from_rsa_pem(&pem),
+    }
+    .expect("pem");
+    let mut header = jsonwebtoken::Header::new(alg);
+    header.kid = Some(kid.into());
+    jsonwebtoken::encode(&header, &claims, &key).expect("sign")
+}
+
+/// A valid RS384 token for the CDS service `service` of `app`.
+pub fn cds_token(app: &TestApp, path: &str) -> String {
+    cds_jwt(
+        &app.url(path),
+        jsonwebtoken::Algorithm::RS384,
+        "test-cds-client-rs384.key",
+        "test-rs384",
+        |_| {},
+    )
+}
+
 pub struct TestApp {
     /// `http://127.0.0.1:{port}`
     pub base: String,
@@ -29,6 +77,12 @@ impl TestApp {
         let root = Path::new(env!("CARGO_MANIFEST_DIR"));
         config.pa.policies_dir = root.join("policies");
         config.cds.hooks_dir = root.join("hooks");
+        config.cds.issuers = vec![fhirgate::config::TrustedIssuer {
+            iss: TEST_ISSUER.into(),
+            jwks_file: Some(root.join("certs/test-cds-client.jwks.json")),
+            jwks_url: None,
+            jku: Vec::new(),
+        }];
         configure(&mut config);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
