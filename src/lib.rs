@@ -89,6 +89,7 @@ impl App {
                     .build()?,
             )?,
             public_base: public_base.trim_end_matches('/').to_owned(),
+            store: store.clone(),
         });
         let routes = server::router(fhir)
             .merge(cds::router(cds))

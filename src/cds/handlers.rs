@@ -142,7 +142,8 @@ struct FeedbackItem {
     outcome_timestamp: String,
 }
 
-/// `POST /cds-services/{id}/feedback`: outcomes of cards (accepted, overridden with a reason).
+/// `POST /cds-services/{id}/feedback`: outcomes of cards (accepted, overridden with a reason),
+/// kept in the store and counted in metrics. All items are checked before any is kept.
 pub async fn feedback(
     State(api): State<Arc<CdsApi>>,
     Path(id): Path<String>,
@@ -173,12 +174,30 @@ pub async fn feedback(
                 "outcomeTimestamp is not an instant",
             ));
         }
+    }
+    for item in &parsed.feedback {
         let reason = item
             .override_reason
             .as_ref()
             .and_then(|r| r["reason"]["code"].as_str())
             .unwrap_or("none")
             .to_owned();
+        let record = json!({
+            "service": service.id,
+            "card": item.card,
+            "outcome": item.outcome,
+            "acceptedSuggestions": item.accepted_suggestions,
+            "overrideReason": item.override_reason,
+            "outcomeTimestamp": item.outcome_timestamp,
+            "receivedAt": crate::fhir::date::format_instant(crate::fhir::date::now_micros()),
+        });
+        api.store
+            .append(
+                super::FEEDBACK_STREAM,
+                serde_json::to_vec(&record).unwrap_or_default(),
+            )
+            .await
+            .map_err(crate::server::store_error)?;
         metrics::counter!(
             "fhirgate_cds_feedback_total",
             "service" => service.id.clone(),

@@ -43,6 +43,9 @@ pub struct ServiceDefinition {
     pub extension: Option<Value>,
 }
 
+/// The store stream card feedback is appended to.
+pub const FEEDBACK_STREAM: &str = "cds-feedback";
+
 /// The hooks a service may answer.
 pub const HOOKS: [&str; 6] = [
     "order-sign",
@@ -100,6 +103,8 @@ pub struct CdsApi {
     pub settings: CdsSettings,
     pub fetcher: prefetch::PrefetchFetcher,
     pub auth: auth::ClientAuth,
+    /// Where card feedback is kept (stream [`FEEDBACK_STREAM`]).
+    pub store: Arc<dyn crate::store::Store>,
     /// The base URL clients reach the server at; a JWT's `aud` must be
     /// `{public_base}/cds-services/{id}`.
     pub public_base: String,

@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
@@ -36,6 +37,8 @@ const CHANGES: TableDefinition<(&str, u64), (&str, u64)> = TableDefinition::new(
 const INDEX: TableDefinition<&str, ()> = TableDefinition::new("search_index");
 /// `Type/id` → the index keys of its current version, newline-separated.
 const INDEX_KEYS: TableDefinition<&str, &str> = TableDefinition::new("index_keys");
+/// (stream, sequence) → payload: append-only records such as CDS card feedback.
+const RECORDS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("records");
 /// Counters that must survive restarts: the change sequence and the last timestamp issued.
 const COUNTERS: TableDefinition<&str, u64> = TableDefinition::new("counters");
 
@@ -67,10 +70,18 @@ enum Message {
 struct WriteJob {
     mutations: Vec<Mutation>,
     atomic: bool,
+    /// Records to append (stream, payload), for append jobs.
+    appends: Vec<(String, Vec<u8>)>,
     /// A job still queued at this instant is answered [`StoreError::Expired`] and not applied,
     /// so a caller that gave up never has its write land behind its back.
     deadline: Instant,
-    reply: oneshot::Sender<Result<WriteResult, StoreError>>,
+    reply: oneshot::Sender<Result<JobResult, StoreError>>,
+}
+
+/// What the writer answers a job with.
+enum JobResult {
+    Write(WriteResult),
+    Appended(Vec<u64>),
 }
 
 impl EmbeddedStore {
@@ -93,6 +104,7 @@ impl EmbeddedStore {
             txn.open_table(INDEX).map_err(backend)?;
             txn.open_table(INDEX_KEYS).map_err(backend)?;
             txn.open_table(COUNTERS).map_err(backend)?;
+            txn.open_table(RECORDS).map_err(backend)?;
             txn.commit().map_err(backend)?;
         }
         let (jobs, rx) = mpsc::unbounded_channel();
@@ -305,13 +317,64 @@ impl Store for EmbeddedStore {
             .send(Message::Write(WriteJob {
                 mutations,
                 atomic,
+                appends: Vec::new(),
                 deadline: started + self.write_timeout,
                 reply,
             }))
             .map_err(|_| StoreError::Closed)?;
         let result = answer.await.map_err(|_| StoreError::Closed)?;
         observe("write", started);
-        result
+        match result? {
+            JobResult::Write(result) => Ok(result),
+            JobResult::Appended(_) => Err(StoreError::Corrupt("unexpected append result".into())),
+        }
+    }
+
+    async fn append(&self, stream: &str, payload: Vec<u8>) -> Result<u64, StoreError> {
+        self.ensure_open()?;
+        let started = Instant::now();
+        let (reply, answer) = oneshot::channel();
+        self.jobs
+            .send(Message::Write(WriteJob {
+                mutations: Vec::new(),
+                atomic: true,
+                appends: vec![(stream.to_owned(), payload)],
+                deadline: started + self.write_timeout,
+                reply,
+            }))
+            .map_err(|_| StoreError::Closed)?;
+        let result = answer.await.map_err(|_| StoreError::Closed)??;
+        observe("append", started);
+        match result {
+            JobResult::Appended(mut seqs) => {
+                seqs.pop().ok_or(StoreError::Corrupt("no sequence".into()))
+            }
+            JobResult::Write(_) => Err(StoreError::Corrupt("unexpected write result".into())),
+        }
+    }
+
+    async fn records(
+        &self,
+        stream: &str,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, Bytes)>, StoreError> {
+        let stream = stream.to_owned();
+        self.blocking("records", move |db| {
+            let txn = db.begin_read().map_err(backend)?;
+            let table = txn.open_table(RECORDS).map_err(backend)?;
+            let mut out = Vec::new();
+            for item in table
+                .range((stream.as_str(), after.saturating_add(1))..=(stream.as_str(), u64::MAX))
+                .map_err(backend)?
+                .take(limit)
+            {
+                let (k, v) = item.map_err(backend)?;
+                out.push((k.value().1, Bytes::copy_from_slice(v.value())));
+            }
+            Ok(out)
+        })
+        .await
     }
 
     fn is_ready(&self) -> bool {
@@ -609,7 +672,7 @@ impl Writer {
     }
 
     /// Runs every job in one write transaction and commits it durably.
-    fn commit_group(&self, jobs: &mut [WriteJob]) -> Result<Vec<WriteResult>, StoreError> {
+    fn commit_group(&self, jobs: &mut [WriteJob]) -> Result<Vec<JobResult>, StoreError> {
         let txn = self.db.begin_write().map_err(backend)?;
         let results = {
             let mut counters_table = txn.open_table(COUNTERS).map_err(backend)?;
@@ -630,8 +693,27 @@ impl Writer {
                 index: txn.open_table(INDEX).map_err(backend)?,
                 index_keys: txn.open_table(INDEX_KEYS).map_err(backend)?,
             };
+            let mut records = txn.open_table(RECORDS).map_err(backend)?;
             let mut results = Vec::with_capacity(jobs.len());
             for job in jobs.iter_mut() {
+                if !job.appends.is_empty() {
+                    let mut seqs = Vec::new();
+                    for (stream, payload) in std::mem::take(&mut job.appends) {
+                        let last = records
+                            .range((stream.as_str(), 0)..=(stream.as_str(), u64::MAX))
+                            .map_err(backend)?
+                            .next_back()
+                            .transpose()
+                            .map_err(backend)?
+                            .map_or(0, |(k, _)| k.value().1);
+                        records
+                            .insert((stream.as_str(), last + 1), payload.as_slice())
+                            .map_err(backend)?;
+                        seqs.push(last + 1);
+                    }
+                    results.push(JobResult::Appended(seqs));
+                    continue;
+                }
                 let mutations = std::mem::take(&mut job.mutations);
                 let result = if job.atomic {
                     self.apply_atomic(&mut tables, &mut counters, mutations)?
@@ -654,7 +736,7 @@ impl Writer {
                     }
                     WriteResult::Each(each)
                 };
-                results.push(result);
+                results.push(JobResult::Write(result));
             }
             counters_table
                 .insert("seq", counters.seq)
@@ -1191,6 +1273,24 @@ mod tests {
         let result = store.write(vec![put("late")], true).await;
         assert!(matches!(result, Err(StoreError::Expired)), "{result:?}");
         assert!(store.read("Patient", "late").await.expect("read").is_none());
+    }
+
+    #[tokio::test]
+    async fn appended_records_come_back_in_order_and_per_stream() {
+        let (_dir, store) = store(Duration::from_secs(5));
+        assert_eq!(store.append("a", b"one".to_vec()).await.expect("append"), 1);
+        assert_eq!(
+            store.append("b", b"other".to_vec()).await.expect("append"),
+            1
+        );
+        assert_eq!(store.append("a", b"two".to_vec()).await.expect("append"), 2);
+        let a = store.records("a", 0, 10).await.expect("records");
+        assert_eq!(
+            a.iter().map(|(s, b)| (*s, b.to_vec())).collect::<Vec<_>>(),
+            vec![(1, b"one".to_vec()), (2, b"two".to_vec())]
+        );
+        assert_eq!(store.records("a", 1, 10).await.expect("records").len(), 1);
+        assert_eq!(store.records("b", 0, 10).await.expect("records").len(), 1);
     }
 
     #[tokio::test]

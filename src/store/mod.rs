@@ -165,6 +165,18 @@ pub trait Store: Send + Sync + 'static {
         atomic: bool,
     ) -> Result<WriteResult, StoreError>;
 
+    /// Appends `payload` to the named stream (e.g. CDS card feedback), durably; returns its
+    /// sequence number in the stream.
+    async fn append(&self, stream: &str, payload: Vec<u8>) -> Result<u64, StoreError>;
+
+    /// Records of `stream` after sequence `after`, oldest first, at most `limit`.
+    async fn records(
+        &self,
+        stream: &str,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, Bytes)>, StoreError>;
+
     /// Whether the store is open and serving.
     fn is_ready(&self) -> bool;
 

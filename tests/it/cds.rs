@@ -549,6 +549,28 @@ async fn feedback_is_accepted_and_counted() {
         .await
         .expect("text");
     assert!(metrics.contains("fhirgate_cds_feedback_total{service=\"crd-order-sign\",outcome=\"overridden\",override_reason=\"patient-refused\"}"), "{metrics}");
+    // Kept in the store: two outcomes, the refused batch left nothing.
+    let dir = app.stop().await;
+    let registry = std::sync::Arc::new(fhirgate::fhir::SearchRegistry::new(schema()));
+    let store = fhirgate::store::EmbeddedStore::open(
+        dir.path(),
+        registry,
+        std::time::Duration::from_secs(5),
+    )
+    .expect("store");
+    use fhirgate::store::Store as _;
+    let records = store
+        .records(fhirgate::cds::FEEDBACK_STREAM, 0, 10)
+        .await
+        .expect("records");
+    assert_eq!(records.len(), 2);
+    let second: Value = serde_json::from_slice(&records[1].1).expect("json");
+    assert_eq!(second["outcome"], "overridden");
+    assert_eq!(
+        second["overrideReason"]["reason"]["code"],
+        "patient-refused"
+    );
+    assert_eq!(second["service"], "crd-order-sign");
 }
 
 #[tokio::test]
