@@ -229,8 +229,32 @@ fn order_cards(d: &Determination, options: &ResponseOptions<'_>) -> Vec<(u8, Val
     cards
 }
 
+/// A draft order like the original (same type and subject) for the alternative product.
+fn alternative_order(d: &Determination, alt: &crate::pa::BillingCode, label: &str) -> Value {
+    let (resource_type, id) = d
+        .order
+        .split_once('/')
+        .unwrap_or(("ServiceRequest", "order"));
+    let concept = json!({"coding": [{"system": alt.system, "code": alt.code, "display": label}]});
+    let mut order = json!({
+        "resourceType": resource_type,
+        "id": format!("{id}-alternative"),
+        "status": "draft",
+        "intent": "proposal",
+    });
+    let element = match resource_type {
+        "MedicationRequest" => "medicationCodeableConcept",
+        "DeviceRequest" => "codeCodeableConcept",
+        _ => "code",
+    };
+    order[element] = concept;
+    if let Some(subject) = &d.subject {
+        order["subject"] = json!({"reference": subject});
+    }
+    order
+}
+
 fn alternatives_card(d: &Determination, payer: &str, title: &str) -> Value {
-    let (resource_type, id) = d.order.split_once('/').unwrap_or(("", ""));
     let suggestions: Vec<Value> = d
         .alternatives
         .iter()
@@ -242,13 +266,7 @@ fn alternatives_card(d: &Determination, payer: &str, title: &str) -> Value {
                 "isRecommended": true,
                 "actions": [
                     {"type": "delete", "description": format!("Remove the order for {title}"), "resourceId": d.order},
-                    {"type": "create", "description": format!("Order {label}"), "resource": {
-                        "resourceType": resource_type,
-                        "id": format!("{id}-alternative"),
-                        "status": "draft",
-                        "intent": "proposal",
-                        "code": {"coding": [{"system": alt.system, "code": alt.code, "display": label}]},
-                    }},
+                    {"type": "create", "description": format!("Order {label}"), "resource": alternative_order(d, alt, &label)},
                 ],
             })
         })

@@ -74,6 +74,11 @@ pub async fn call(
     let record = request.record();
     let mut ctx = ClinicalContext::new(today);
     ctx.add_resources(record.iter().copied());
+    for (key, value) in &request.prefetch {
+        if !value.is_null() {
+            ctx.mark_supplied(key);
+        }
+    }
     let coverage = record.iter().copied().find(|r| {
         r["resourceType"] == "Coverage" && r["status"].as_str().is_none_or(|s| s == "active")
     });
@@ -176,12 +181,13 @@ pub async fn feedback(
         }
     }
     for item in &parsed.feedback {
-        let reason = item
-            .override_reason
-            .as_ref()
-            .and_then(|r| r["reason"]["code"].as_str())
-            .unwrap_or("none")
-            .to_owned();
+        // The reason is kept in the store; the label only says whether one was given, so clients
+        // cannot mint metric series.
+        let reason = if item.override_reason.is_some() {
+            "given"
+        } else {
+            "none"
+        };
         let record = json!({
             "service": service.id,
             "card": item.card,

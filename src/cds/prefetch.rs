@@ -190,6 +190,15 @@ pub fn render(template: &str, context: &serde_json::Map<String, Value>) -> Optio
                 .as_str()?
                 .to_owned(),
         };
+        // Only FHIR ids (or Type/id) fill a template: nothing that could walk the path.
+        let id = value.rsplit('/').next().unwrap_or_default();
+        if !crate::fhir::is_valid_id(id)
+            || id == "."
+            || id == ".."
+            || value.matches('/').count() > 1
+        {
+            return None;
+        }
         out.push_str(&encode(&value));
         rest = &rest[end + 2..];
     }
@@ -228,10 +237,13 @@ mod tests {
             render("Practitioner/{{userPractitionerId}}", ctx).as_deref(),
             Some("Practitioner/abc")
         );
-        assert_eq!(
-            render("Encounter/{{context.encounterId}}", ctx).as_deref(),
-            Some("Encounter/..%2Fx%3Fy")
-        );
+        assert!(render("Encounter/{{context.encounterId}}", ctx).is_none());
+        let dots = json!({"patientId": ".."});
+        assert!(render(
+            "Patient/{{context.patientId}}",
+            dots.as_object().expect("object")
+        )
+        .is_none());
         assert!(render("PractitionerRole/{{userPractitionerRoleId}}", ctx).is_none());
         assert!(render("X?_id={{context.draftOrders.entry.id}}", ctx).is_none());
     }

@@ -194,6 +194,15 @@ impl ClinicalContext {
             }
             "AllergyIntolerance" => {
                 self.supplied.intolerances = true;
+                let verification = first_code(&resource["verificationStatus"]);
+                let status = first_code(&resource["clinicalStatus"]);
+                if matches!(
+                    verification.as_deref(),
+                    Some("refuted" | "entered-in-error")
+                ) || matches!(status.as_deref(), Some("resolved" | "inactive"))
+                {
+                    return;
+                }
                 let (start, end) = span(resource, &["onsetDateTime", "recordedDate"]);
                 self.intolerances.push(Item {
                     reference,
@@ -247,9 +256,28 @@ impl ClinicalContext {
 
     /// Age in whole years today, if the birth date is known.
     pub fn age_years(&self) -> Option<u32> {
-        let birth = self.birth_day?;
-        let years = (self.today - birth) as f64 / 365.2425;
-        (years >= 0.0).then(|| years.floor() as u32)
+        let as_date = |day: i64| {
+            time::Date::from_julian_day(i32::try_from(day.checked_add(2_440_588)?).ok()?).ok()
+        };
+        let (birth, today) = (as_date(self.birth_day?)?, as_date(self.today)?);
+        let mut years = today.year() - birth.year();
+        if (today.month() as u8, today.day()) < (birth.month() as u8, birth.day()) {
+            years -= 1;
+        }
+        u32::try_from(years).ok()
+    }
+
+    /// Records that a kind of data was asked for and supplied, even if the answer was empty
+    /// (an empty Condition search means "no problems", not "unknown"). `key` is a prefetch key.
+    pub fn mark_supplied(&mut self, key: &str) {
+        match key {
+            "conditions" => self.supplied.conditions = true,
+            "procedures" => self.supplied.procedures = true,
+            "medicationStatements" | "medicationRequests" => self.supplied.medications = true,
+            "allergies" => self.supplied.intolerances = true,
+            "observations" => self.supplied.observations = true,
+            _ => {}
+        }
     }
 }
 
@@ -314,24 +342,60 @@ fn span(resource: &Value, elements: &[&str]) -> (Option<i64>, Option<i64>) {
 /// When a medication was taken: the statement's effective period, or a request's authored date
 /// plus its expected supply or validity period.
 fn medication_span(resource: &Value) -> (Option<i64>, Option<i64>) {
+    let active = resource["status"].as_str() == Some("active");
     let (start, end) = span(resource, &["effectivePeriod", "effectiveDateTime"]);
     if start.is_some() {
         // An active statement without an end is still being taken.
-        let end = end.or(match resource["status"].as_str() {
-            Some("active") => None,
-            _ => start,
-        });
-        return (start, end);
+        return (start, end.or(if active { None } else { start }));
     }
+    if resource["resourceType"] == "MedicationDispense" {
+        let start = resource["whenHandedOver"].as_str().and_then(day_of);
+        let days = duration_days(&resource["daysSupply"]);
+        return (start, start.map(|s| s.saturating_add(days.unwrap_or(0))));
+    }
+    // A request: from authoring (or the start of its validity) for the supply it covers,
+    // refills included. Without a supply, an active request runs on; any other lasted a day.
     let dispense = &resource["dispenseRequest"];
-    let (vstart, vend) = span(dispense, &["validityPeriod"]);
-    let authored = resource["authoredOn"].as_str().and_then(day_of);
-    let start = vstart.or(authored);
-    let supply_days = dispense["expectedSupplyDuration"]["value"]
-        .as_f64()
-        .map(|d| d as i64 * (1 + dispense["numberOfRepeatsAllowed"].as_i64().unwrap_or(0)));
-    let end = vend.or_else(|| start.zip(supply_days).map(|(s, d)| s + d));
+    let (valid_from, _) = span(dispense, &["validityPeriod"]);
+    let start = resource["authoredOn"]
+        .as_str()
+        .and_then(day_of)
+        .or(valid_from);
+    let fills = dispense["numberOfRepeatsAllowed"]
+        .as_i64()
+        .unwrap_or(0)
+        .clamp(0, 100)
+        + 1;
+    let supply =
+        duration_days(&dispense["expectedSupplyDuration"]).map(|d| d.saturating_mul(fills));
+    let end = match (start, supply) {
+        (Some(s), Some(d)) => Some(s.saturating_add(d)),
+        (Some(_), None) if active => None,
+        (s, _) => s,
+    };
     (start, end)
+}
+
+/// A Duration or Quantity in days, from its UCUM code or unit (d, wk, mo, a, h, min).
+fn duration_days(quantity: &Value) -> Option<i64> {
+    let value = quantity["value"].as_f64()?;
+    if !value.is_finite() || value < 0.0 {
+        return None;
+    }
+    let unit = quantity["code"]
+        .as_str()
+        .or_else(|| quantity["unit"].as_str())
+        .unwrap_or("d");
+    let days = match unit.trim().to_ascii_lowercase().as_str() {
+        "d" | "day" | "days" => value,
+        "wk" | "week" | "weeks" => value * 7.0,
+        "mo" | "month" | "months" => value * 30.0,
+        "a" | "year" | "years" => value * 365.0,
+        "h" | "hour" | "hours" => value / 24.0,
+        "min" | "minute" | "minutes" => value / 1440.0,
+        _ => return None,
+    };
+    Some(days.min(36_500.0).round() as i64)
 }
 
 #[cfg(test)]
@@ -354,11 +418,40 @@ mod tests {
                 "authoredOn":"2024-01-01","dispenseRequest":{"expectedSupplyDuration":{"value":30},"numberOfRepeatsAllowed":2}}}
         ]}));
         assert_eq!(ctx.age_years(), Some(53));
+        let mut birthday = ClinicalContext::new(date!(2024 - 03 - 01));
+        birthday.birth_day = Some(day_of_date(date!(2006 - 03 - 01)));
+        assert_eq!(birthday.age_years(), Some(18), "18 on the birthday itself");
         assert_eq!(ctx.gender.as_deref(), Some("female"));
         assert_eq!(ctx.conditions.len(), 1, "resolved problems are left out");
         assert!(ctx.supplied.conditions && ctx.supplied.observations && !ctx.supplied.procedures);
         assert_eq!(ctx.observations[0].value, 31.2);
         let m = &ctx.medications[0];
         assert_eq!(m.end.zip(m.start).map(|(e, s)| e - s), Some(90));
+    }
+}
+
+#[cfg(test)]
+mod medication_tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn medication_spans() {
+        // A stopped request without supply lasted a day, not until today.
+        let stopped = json!({"resourceType":"MedicationRequest","status":"stopped","authoredOn":"2022-01-01"});
+        let (s, e) = medication_span(&stopped);
+        assert_eq!(s, e);
+        // Supply units count: 3 months with 1 refill = 180 days.
+        let months = json!({"resourceType":"MedicationRequest","status":"completed","authoredOn":"2024-01-01",
+            "dispenseRequest":{"expectedSupplyDuration":{"value":3,"unit":"months","code":"mo"},"numberOfRepeatsAllowed":1}});
+        let (s, e) = medication_span(&months);
+        assert_eq!(e.zip(s).map(|(e, s)| e - s), Some(180));
+        let dispense = json!({"resourceType":"MedicationDispense","status":"completed","whenHandedOver":"2024-01-01",
+            "daysSupply":{"value":30,"code":"d"}});
+        let (s, e) = medication_span(&dispense);
+        assert_eq!(e.zip(s).map(|(e, s)| e - s), Some(30));
+        let huge = json!({"resourceType":"MedicationRequest","status":"active","authoredOn":"2024-01-01",
+            "dispenseRequest":{"expectedSupplyDuration":{"value":1e300,"code":"d"},"numberOfRepeatsAllowed":9223372036854775807i64}});
+        let _ = medication_span(&huge);
     }
 }

@@ -195,7 +195,11 @@ pub fn evaluate(
                 t.within_days,
                 ctx.today,
             );
-            let days = covered_days(&found, ctx.today);
+            let days = covered_days(
+                &found,
+                t.within_days.map(|d| ctx.today - i64::from(d)),
+                ctx.today,
+            );
             let kind = t.fact_kind.as_deref().unwrap_or("conservative_therapy");
             let fact = ctx
                 .facts
@@ -247,13 +251,16 @@ pub fn evaluate(
                 m.within_days,
                 ctx.today,
             );
-            let longest = found
+            // Back-to-back prescriptions add up; a refill gap of up to a week does not break a course.
+            let dated: Vec<(i64, i64)> = found
                 .iter()
                 .filter_map(|i| {
-                    i.start
-                        .map(|s| i.end.unwrap_or(ctx.today).min(ctx.today) - s)
+                    let s = i.start?;
+                    let e = i.end.unwrap_or(ctx.today).min(ctx.today);
+                    Some((s, e.max(s + 1)))
                 })
-                .max();
+                .collect();
+            let longest = (!dated.is_empty()).then(|| total_days(dated, 7));
             let need = i64::from(m.min_days);
             match longest {
                 Some(days) if days >= need => CriterionResult::leaf(
@@ -302,8 +309,13 @@ pub fn evaluate(
                 .filter(|f| f.kind == "intolerance" || f.kind == "treatment_failure")
                 .filter(|f| {
                     f.value.as_deref().is_some_and(|v| {
-                        i.codes.iter().any(|c| code_matches(c, v))
-                            || i.label.to_lowercase().contains(&v.to_lowercase())
+                        let v = v.trim().to_lowercase();
+                        !v.is_empty()
+                            && (i.codes.iter().any(|c| code_matches(c, &v))
+                                || i.label
+                                    .to_lowercase()
+                                    .split(|c: char| !c.is_alphanumeric())
+                                    .any(|word| word == v))
                     })
                 })
                 .map(fact_evidence)
@@ -338,7 +350,23 @@ pub fn evaluate(
             let window = o
                 .within_days
                 .map_or(String::new(), |d| format!(" within {d} days"));
+            let comparable = |m: &super::context::Measurement| match (&m.unit, &o.unit) {
+                (Some(have), Some(want)) => same_unit(have, want),
+                _ => true,
+            };
             match latest {
+                // A result in another unit (HbA1c in mmol/mol against a % threshold) cannot be
+                // compared: unknown, not met or unmet.
+                Some(m) if !comparable(m) => CriterionResult::leaf(
+                    &o.label,
+                    Status::Unknown,
+                    format!(
+                        "latest result is in {}, the policy's threshold in {}",
+                        m.unit.as_deref().unwrap_or(""),
+                        o.unit.as_deref().unwrap_or("")
+                    ),
+                    vec![m.reference.clone()],
+                ),
                 Some(m) => {
                     let status = if o.comparator.holds(m.value, o.value) {
                         Status::Met
@@ -475,13 +503,53 @@ fn matching<'a>(
 }
 
 /// Days from the earliest start to the latest end of the items, capped at today.
-fn covered_days(items: &[&Item], today: i64) -> i64 {
-    let start = items.iter().filter_map(|i| i.start).min();
-    let end = items.iter().filter_map(|i| i.end.or(i.start)).max();
-    match (start, end) {
-        (Some(s), Some(e)) => (e.min(today) - s).max(0),
-        _ => 0,
+/// Whether two unit spellings mean the same unit (`kg/m2` = `kg/m^2`, `%` = `percent`).
+fn same_unit(a: &str, b: &str) -> bool {
+    let norm = |u: &str| {
+        let u = u.trim().to_lowercase().replace(['^', ' '], "");
+        match u.as_str() {
+            "percent" => "%".to_string(),
+            "/hr" | "{events}/h" => "/h".to_string(),
+            _ => u,
+        }
+    };
+    norm(a) == norm(b)
+}
+
+/// Days of therapy inside the window: each item's days (inclusive) clamped to `[earliest,
+/// today]`, visits up to two weeks apart counted as one continuing course.
+fn covered_days(items: &[&Item], earliest: Option<i64>, today: i64) -> i64 {
+    let spans: Vec<(i64, i64)> = items
+        .iter()
+        .filter_map(|i| {
+            let start = i.start.or(i.end)?;
+            let end = i.end.unwrap_or(start).min(today);
+            let start = earliest.map_or(start, |e| start.max(e));
+            (end >= start).then_some((start, end + 1))
+        })
+        .collect();
+    total_days(spans, 14)
+}
+
+/// Total length of half-open day spans, merging those separated by at most `max_gap` days.
+fn total_days(mut spans: Vec<(i64, i64)>, max_gap: i64) -> i64 {
+    spans.sort_unstable();
+    let mut total = 0;
+    let mut current: Option<(i64, i64)> = None;
+    for (s, e) in spans {
+        current = match current {
+            Some((cs, ce)) if s <= ce.saturating_add(max_gap) => Some((cs, ce.max(e))),
+            Some((cs, ce)) => {
+                total += ce - cs;
+                Some((s, e))
+            }
+            None => Some((s, e)),
+        };
     }
+    if let Some((cs, ce)) = current {
+        total += ce - cs;
+    }
+    total
 }
 
 fn refs(items: &[&Item]) -> Vec<String> {
@@ -571,5 +639,47 @@ mod tests {
             &ctx,
         );
         assert_eq!(result.missing().len(), 1);
+    }
+}
+
+#[cfg(test)]
+mod duration_tests {
+    use super::*;
+
+    fn item(start: i64, end: i64) -> Item {
+        Item {
+            reference: "Procedure/x".into(),
+            codes: Vec::new(),
+            start: Some(start),
+            end: Some(end),
+        }
+    }
+
+    #[test]
+    fn therapy_days_are_clamped_and_gaps_break_courses() {
+        let today = 1000;
+        // A long course that ended inside the window counts only its days in the window.
+        let long = item(0, 900);
+        assert_eq!(covered_days(&[&long], Some(today - 180), today), 81);
+        // Two visits 160 days apart are two days, not a 160-day course.
+        let (a, b) = (item(830, 830), item(990, 990));
+        assert_eq!(covered_days(&[&a, &b], Some(today - 180), today), 2);
+        // Weekly visits make one continuing course (inclusive days).
+        let weekly: Vec<Item> = (0..7).map(|w| item(900 + w * 7, 900 + w * 7)).collect();
+        let refs: Vec<&Item> = weekly.iter().collect();
+        assert_eq!(covered_days(&refs, Some(today - 180), today), 43);
+    }
+
+    #[test]
+    fn back_to_back_prescriptions_add_up() {
+        assert_eq!(total_days(vec![(0, 30), (30, 60), (62, 92)], 7), 92);
+        assert_eq!(total_days(vec![(0, 30), (100, 130)], 7), 60);
+    }
+
+    #[test]
+    fn units_must_agree() {
+        assert!(same_unit("kg/m2", "kg/m^2"));
+        assert!(same_unit("%", "percent"));
+        assert!(!same_unit("mmol/mol", "%"));
     }
 }

@@ -55,6 +55,9 @@ pub enum PriorAuth {
 pub struct Determination {
     /// `ServiceRequest/1`, … — the order this is about.
     pub order: String,
+    /// The order's subject reference, for orders proposed in its place.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub subject: Option<String>,
     pub payer: Option<String>,
     pub coverage: CoverageStatus,
     pub prior_auth: PriorAuth,
@@ -221,6 +224,10 @@ impl PolicySet {
         });
         let mut answer = Determination {
             order: order_ref,
+            subject: order["subject"]["reference"]
+                .as_str()
+                .or_else(|| order["patient"]["reference"].as_str())
+                .map(str::to_owned),
             payer: payer.map(|p| p.payer.name.clone()),
             coverage: CoverageStatus::Unknown,
             prior_auth: PriorAuth::Unknown,
@@ -409,7 +416,7 @@ fn find_rule<'a>(
             .find(|c| {
                 codes
                     .iter()
-                    .any(|(s, code)| *code == c.code && s.as_deref().is_none_or(|s| s == c.system))
+                    .any(|(s, code)| *code == c.code && s.as_deref() == Some(c.system.as_str()))
             })
             .map(|c| (rule, c))
     })

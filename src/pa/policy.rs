@@ -386,6 +386,13 @@ fn check_criterion(
         Criterion::Intolerance(i) => check_codes(&i.label, &i.codes, text, report),
         Criterion::Observation(o) => check_codes(&o.label, &o.codes, text, report),
         Criterion::Therapy(t) => {
+            check_codes(&t.label, &t.codes, text, report);
+            if t.within_days == Some(0) {
+                report(
+                    line_of(text, &t.label),
+                    format!("'{}': within_days must be positive", t.label),
+                );
+            }
             if t.min_days == 0 {
                 report(
                     line_of(text, &t.label),

@@ -59,6 +59,18 @@ fn assert_spec_valid(response: &Value) {
         assert!(card["source"]["topic"]["code"].as_str().is_some(), "{card}");
         if let Some(suggestions) = card.get("suggestions") {
             assert!(!suggestions.as_array().expect("array").is_empty());
+            for action in suggestions
+                .as_array()
+                .into_iter()
+                .flatten()
+                .flat_map(|s| s["actions"].as_array().into_iter().flatten())
+            {
+                if let Some(resource) = action.get("resource") {
+                    schema().validate(resource).unwrap_or_else(|e| {
+                        panic!("proposed order is not valid R4: {e}: {resource}")
+                    });
+                }
+            }
             assert!(
                 card["selectionBehavior"].as_str().is_some(),
                 "selectionBehavior with suggestions: {card}"
@@ -548,7 +560,7 @@ async fn feedback_is_accepted_and_counted() {
         .text()
         .await
         .expect("text");
-    assert!(metrics.contains("fhirgate_cds_feedback_total{service=\"crd-order-sign\",outcome=\"overridden\",override_reason=\"patient-refused\"}"), "{metrics}");
+    assert!(metrics.contains("fhirgate_cds_feedback_total{service=\"crd-order-sign\",outcome=\"overridden\",override_reason=\"given\"}"), "{metrics}");
     // Kept in the store: two outcomes, the refused batch left nothing.
     let dir = app.stop().await;
     let registry = std::sync::Arc::new(fhirgate::fhir::SearchRegistry::new(schema()));
@@ -842,4 +854,39 @@ async fn keys_from_an_allowed_jku_and_development_mode() {
         .await
         .expect("post");
     assert_eq!(response.status(), StatusCode::OK);
+}
+
+#[tokio::test]
+async fn alternatives_are_proposed_as_valid_orders() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let policy = json!({"payer": {"id": "alt", "name": "Alt Health"},
+        "rules": [{"id": "alt-brand", "title": "Brand drug", "prior_auth": true,
+            "codes": [{"system": "http://www.nlm.nih.gov/research/umls/rxnorm", "code": "327361"}],
+            "criteria": {"diagnosis": {"label": "Rheumatoid arthritis", "codes": ["M05*"]}},
+            "alternatives": [{"system": "http://www.nlm.nih.gov/research/umls/rxnorm", "code": "999999", "display": "preferred biosimilar"}]}]});
+    std::fs::write(dir.path().join("alt.json"), policy.to_string()).expect("write");
+    let policies = dir.path().to_path_buf();
+    let app = TestApp::start_with(move |c| c.pa.policies_dir = policies).await;
+    let mut request = lumbar_mri_request("Alt Health", "72148");
+    request["context"]["draftOrders"]["entry"][0]["resource"] = json!({"resourceType":"MedicationRequest","id":"rx1",
+        "status":"draft","intent":"order","subject":{"reference":"Patient/p1"},
+        "medicationCodeableConcept":{"coding":[{"system":"http://www.nlm.nih.gov/research/umls/rxnorm","code":"327361"}]}});
+    let (status, body) = call(&app, "crd-order-sign", &request).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_spec_valid(&body);
+    let card = body["cards"]
+        .as_array()
+        .expect("cards")
+        .iter()
+        .find(|c| c.get("suggestions").is_some())
+        .expect("an alternatives card");
+    assert_eq!(card["selectionBehavior"], "at-most-one");
+    let actions = &card["suggestions"][0]["actions"];
+    assert_eq!(actions[0]["type"], "delete");
+    assert_eq!(actions[0]["resourceId"], "MedicationRequest/rx1");
+    assert_eq!(
+        actions[1]["resource"]["medicationCodeableConcept"]["coding"][0]["code"],
+        "999999"
+    );
+    assert_eq!(actions[1]["resource"]["subject"]["reference"], "Patient/p1");
 }

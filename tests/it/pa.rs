@@ -223,7 +223,7 @@ fn mri_lumbar_meets_fails_lacks_data_and_red_flags() {
         assert!(
             d.missing
                 .iter()
-                .any(|m| m.contains("6 weeks") && m.contains("only 14 days")),
+                .any(|m| m.contains("6 weeks") && m.contains("only 15 days")),
             "{:?}",
             d.missing
         );
