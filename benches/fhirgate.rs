@@ -227,6 +227,7 @@ fn cds_order_sign(c: &mut Criterion) {
         jwks_file: Some(certs.join("test-cds-client.jwks.json")),
         jwks_url: None,
         jku: Vec::new(),
+        fhir_servers: Vec::new(),
     }];
     let app = runtime
         .block_on(async { fhirgate::App::build(&config, "http://bench") })

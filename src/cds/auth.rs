@@ -99,14 +99,15 @@ impl ClientAuth {
         })
     }
 
-    /// Checks the `Authorization` header of a call to the service at `audience` (its full URL).
+    /// Checks the `Authorization` header of a call to the service at `audience` (its full URL)
+    /// and returns the trusted client that made it (`None` when checking is off).
     pub async fn verify(
         &self,
         authorization: Option<&HeaderValue>,
         audience: &str,
-    ) -> Result<(), FhirError> {
+    ) -> Result<Option<&TrustedIssuer>, FhirError> {
         if !self.required {
-            return Ok(());
+            return Ok(None);
         }
         let token = authorization
             .and_then(|v| v.to_str().ok())
@@ -184,7 +185,7 @@ impl ClientAuth {
         {
             return Err(refuse("jti replayed"));
         }
-        Ok(())
+        Ok(Some(issuer))
     }
 
     async fn fetch_jwks(&self, url: &str) -> Result<JwkSet, FhirError> {

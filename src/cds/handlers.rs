@@ -40,11 +40,11 @@ fn body(body: Result<Bytes, BytesRejection>) -> Result<Bytes, FhirError> {
 }
 
 /// Checks the caller's JWT; its audience is the service's URL.
-async fn authenticate(
-    api: &CdsApi,
+async fn authenticate<'a>(
+    api: &'a CdsApi,
     headers: &HeaderMap,
     service: &ServiceDefinition,
-) -> Result<(), FhirError> {
+) -> Result<Option<&'a crate::config::TrustedIssuer>, FhirError> {
     let audience = format!("{}/cds-services/{}", api.public_base, service.id);
     api.auth
         .verify(headers.get(header::AUTHORIZATION), &audience)
@@ -64,11 +64,13 @@ pub async fn call(
     raw: Result<Bytes, BytesRejection>,
 ) -> Result<Response, FhirError> {
     let service = service(&api, &id)?;
-    authenticate(&api, &headers, service).await?;
+    let caller = authenticate(&api, &headers, service).await?;
     let raw = body(raw)?;
     let mut request = CdsRequest::parse(&raw, &service.hook, &service.prefetch)?;
+    // A client may only point fhirgate at its own FHIR servers.
+    let allowed = caller.map(|c| c.fhir_servers.as_slice());
     api.fetcher
-        .complete(&mut request, &service.prefetch)
+        .complete(&mut request, &service.prefetch, allowed)
         .await?;
     let today = time::OffsetDateTime::now_utc().date();
     let record = request.record();
@@ -79,8 +81,16 @@ pub async fn call(
             ctx.mark_supplied(key);
         }
     }
+    // The patient's own coverage, active and in force today.
+    let today_day = crate::pa::context::day_of_date(today);
+    let patient = request.patient_id().unwrap_or_default().to_owned();
     let coverage = record.iter().copied().find(|r| {
-        r["resourceType"] == "Coverage" && r["status"].as_str().is_none_or(|s| s == "active")
+        let beneficiary = r["beneficiary"]["reference"].as_str();
+        let in_force = crate::pa::context::period_contains(&r["period"], today_day);
+        r["resourceType"] == "Coverage"
+            && r["status"].as_str().is_none_or(|s| s == "active")
+            && beneficiary.is_none_or(|b| b.ends_with(&format!("Patient/{patient}")))
+            && in_force
     });
     let payer = coverage.and_then(|c| api.policies.payer_for(c, &record));
     let orders = request.orders();

@@ -38,9 +38,13 @@ impl PrefetchFetcher {
         })
     }
 
-    pub fn is_allowed(&self, server: &str) -> bool {
+    /// Whether `server` is on the list: the caller's own list when given, else the global one.
+    pub fn is_allowed(&self, server: &str, caller: Option<&[String]>) -> bool {
         let server = server.trim_end_matches('/');
-        self.allowed.iter().any(|a| a == server)
+        match caller {
+            Some(list) => list.iter().any(|a| a.trim_end_matches('/') == server),
+            None => self.allowed.iter().any(|a| a == server),
+        }
     }
 
     /// Fills in every template whose prefetch is missing. Fails with 412 when the patient or
@@ -49,6 +53,7 @@ impl PrefetchFetcher {
         &self,
         request: &mut CdsRequest,
         templates: &BTreeMap<String, String>,
+        caller_servers: Option<&[String]>,
     ) -> Result<(), FhirError> {
         let missing: Vec<(String, String)> = templates
             .iter()
@@ -83,7 +88,7 @@ impl PrefetchFetcher {
         else {
             return unavailable("the request lends no fhirAuthorization".into());
         };
-        if !self.is_allowed(&server) {
+        if !self.is_allowed(&server, caller_servers) {
             return unavailable(format!("{server} is not an allowed FHIR server"));
         }
         let mut tasks = tokio::task::JoinSet::new();
@@ -255,8 +260,12 @@ mod tests {
             Duration::from_secs(1),
         )
         .expect("client");
-        assert!(f.is_allowed("https://ehr.example/fhir"));
-        assert!(!f.is_allowed("https://ehr.example/fhir/../admin"));
-        assert!(!f.is_allowed("http://169.254.169.254/latest"));
+        assert!(f.is_allowed("https://ehr.example/fhir", None));
+        assert!(!f.is_allowed("https://ehr.example/fhir/../admin", None));
+        assert!(!f.is_allowed("http://169.254.169.254/latest", None));
+        // A caller's own list replaces the global one.
+        let own = ["https://other.example/fhir".to_string()];
+        assert!(!f.is_allowed("https://ehr.example/fhir", Some(&own)));
+        assert!(f.is_allowed("https://other.example/fhir/", Some(&own)));
     }
 }

@@ -167,6 +167,12 @@ impl CdsRequest {
                         r["resourceType"].as_str(),
                         Some("ServiceRequest" | "DeviceRequest" | "MedicationRequest")
                     ) && matches!(r["status"].as_str(), Some("draft" | "active" | "on-hold"))
+                        // Only this encounter's orders, not every long-standing prescription.
+                        && r["encounter"]["reference"].as_str().is_some_and(|e| {
+                            self.context["encounterId"]
+                                .as_str()
+                                .is_some_and(|id| e.ends_with(&format!("Encounter/{id}")))
+                        })
                 })
                 .collect(),
         }

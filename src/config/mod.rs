@@ -75,8 +75,9 @@ pub struct CdsConfig {
     pub hooks_dir: PathBuf,
     /// SMART app that reviews prior-authorization requests; cards link to it when set.
     pub review_app_url: Option<String>,
-    /// FHIR servers (exact base URLs) that missing prefetch may be fetched from, with the token
-    /// the CDS client lends. Empty: never fetch; a request without its patient gets 412.
+    /// FHIR servers (exact base URLs) that missing prefetch may be fetched from when JWT checking
+    /// is off (development); with JWTs, each issuer's own `fhir_servers` apply. Empty: never
+    /// fetch; a request without its patient gets 412.
     pub fhir_servers: Vec<String>,
     /// Time a prefetch fetch may take.
     pub fetch_timeout_secs: u64,
@@ -102,6 +103,10 @@ pub struct TrustedIssuer {
     /// `jku` header values accepted from this client (exact URLs).
     #[serde(default)]
     pub jku: Vec<String>,
+    /// FHIR servers (exact base URLs) this client may ask fhirgate to fetch missing prefetch
+    /// from, with the token it lends. A client can only point fhirgate at its own EHR.
+    #[serde(default)]
+    pub fhir_servers: Vec<String>,
 }
 
 impl Default for CdsConfig {

@@ -95,6 +95,15 @@ pub fn day_of(text: &str) -> Option<i64> {
     parse_range(text).map(|r| r.start.div_euclid(DAY_MICROS))
 }
 
+/// Whether a Period (absent, or open at either end) includes `day`.
+pub fn period_contains(period: &Value, day: i64) -> bool {
+    let start = period["start"].as_str().and_then(day_of);
+    let end = period["end"]
+        .as_str()
+        .and_then(|e| parse_range(e).map(|r| (r.end - 1).div_euclid(DAY_MICROS)));
+    start.is_none_or(|s| s <= day) && end.is_none_or(|e| day <= e)
+}
+
 /// Days since the Unix epoch of a calendar date.
 pub fn day_of_date(date: Date) -> i64 {
     i64::from(date.to_julian_day()) - 2_440_588

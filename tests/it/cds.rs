@@ -195,7 +195,7 @@ async fn every_request_example_is_answered_per_spec() {
         .collect();
     let ehr = ehr_with(&patients).await;
     let ehr_base = ehr.fhir("");
-    let app = TestApp::start_with(|c| c.cds.fhir_servers = vec![ehr_base.clone()]).await;
+    let app = TestApp::start_with(|c| c.cds.issuers[0].fhir_servers = vec![ehr_base.clone()]).await;
 
     let mut answered = 0;
     for (name, mut example) in examples {
@@ -889,4 +889,61 @@ async fn alternatives_are_proposed_as_valid_orders() {
         "999999"
     );
     assert_eq!(actions[1]["resource"]["subject"]["reference"], "Patient/p1");
+}
+
+#[tokio::test]
+async fn a_client_may_only_use_its_own_fhir_servers() {
+    // The server is on the global list, but the calling client's own list is empty.
+    let app = TestApp::start_with(|c| {
+        c.cds.fhir_servers = vec!["https://someone-elses-ehr.test/fhir".into()]
+    })
+    .await;
+    let mut body = lumbar_mri_request("Acme Health Plan", "72148");
+    body["prefetch"]
+        .as_object_mut()
+        .expect("object")
+        .remove("patient");
+    body["fhirServer"] = json!("https://someone-elses-ehr.test/fhir");
+    body["fhirAuthorization"] = json!({"access_token":"t","token_type":"Bearer"});
+    let (status, outcome) = call(&app, "crd-order-sign", &body).await;
+    assert_eq!(status, StatusCode::PRECONDITION_FAILED);
+    assert!(outcome["issue"][0]["diagnostics"]
+        .as_str()
+        .expect("text")
+        .contains("not an allowed FHIR server"));
+}
+
+#[tokio::test]
+async fn encounter_start_answers_for_that_encounters_orders_and_the_patients_coverage() {
+    let app = TestApp::start().await;
+    let mut body = lumbar_mri_request("Acme Health Plan", "72148");
+    body["hook"] = json!("encounter-start");
+    body["context"] =
+        json!({"userId": "Practitioner/doc", "patientId": "p1", "encounterId": "enc1"});
+    let order = |id: &str, encounter: Option<&str>| {
+        let mut o = json!({"resourceType":"ServiceRequest","id":id,"status":"active","intent":"order",
+            "code":{"coding":[{"system":CPT,"code":"72148"}]},"subject":{"reference":"Patient/p1"}});
+        if let Some(e) = encounter {
+            o["encounter"] = json!({"reference": e});
+        }
+        json!({"resource": o})
+    };
+    body["prefetch"]["serviceRequests"] = json!({"resourceType":"Bundle","type":"searchset","entry":[
+        order("this-visit", Some("Encounter/enc1")), order("last-year", Some("Encounter/old")), order("no-encounter", None)]});
+    // Someone else's coverage, and an expired one of this patient, are ignored.
+    body["prefetch"]["coverage"]["entry"] = json!([
+        {"resource":{"resourceType":"Coverage","id":"theirs","status":"active","beneficiary":{"reference":"Patient/other"},"payor":[{"display":"Cedar Mutual"}]}},
+        {"resource":{"resourceType":"Coverage","id":"old","status":"active","beneficiary":{"reference":"Patient/p1"},
+            "period":{"start":"2010-01-01","end":"2011-01-01"},"payor":[{"display":"Bluestone Insurance"}]}},
+        {"resource":{"resourceType":"Coverage","id":"cov1","status":"active","beneficiary":{"reference":"Patient/p1"},"payor":[{"display":"Acme Health Plan"}]}}]);
+    let (status, answer) = call(&app, "crd-encounter-start", &body).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    assert_spec_valid(&answer);
+    let actions = answer["systemActions"].as_array().expect("actions");
+    assert_eq!(actions.len(), 1, "{answer}");
+    assert_eq!(actions[0]["resource"]["id"], "this-visit");
+    assert!(answer["cards"][0]["summary"]
+        .as_str()
+        .expect("summary")
+        .starts_with("Acme Health Plan"));
 }

@@ -82,6 +82,7 @@ impl TestApp {
             jwks_file: Some(root.join("certs/test-cds-client.jwks.json")),
             jwks_url: None,
             jku: Vec::new(),
+            fhir_servers: Vec::new(),
         }];
         configure(&mut config);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
