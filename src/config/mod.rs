@@ -318,6 +318,7 @@ impl Config {
                 "cds__fetch_timeout_secs" => {
                     self.cds.fetch_timeout_secs = parse(&value).map_err(bad)?
                 }
+                "cds__require_jwt" => self.cds.require_jwt = parse(&value).map_err(bad)?,
                 "log__level" => self.log.level = value.clone(),
                 "log__format" => {
                     self.log.format = match value.as_str() {
@@ -399,6 +400,28 @@ mod tests {
             )])
             .expect_err("not a number");
         assert!(err.to_string().contains("invalid value"));
+    }
+
+    #[test]
+    fn every_documented_variable_is_accepted() {
+        let mut config = Config::default();
+        let vars = [
+            ("FHIRGATE_PA__POLICIES_DIR", "p"),
+            ("FHIRGATE_CDS__HOOKS_DIR", "h"),
+            ("FHIRGATE_CDS__REVIEW_APP_URL", "https://app.example"),
+            (
+                "FHIRGATE_CDS__FHIR_SERVERS",
+                "https://a.example/fhir, https://b.example/fhir",
+            ),
+            ("FHIRGATE_CDS__FETCH_TIMEOUT_SECS", "3"),
+            ("FHIRGATE_CDS__REQUIRE_JWT", "false"),
+        ];
+        config
+            .apply_env(vars.iter().map(|(k, v)| (k.to_string(), v.to_string())))
+            .expect("all known");
+        assert!(!config.cds.require_jwt);
+        assert_eq!(config.cds.fhir_servers.len(), 2);
+        assert_eq!(config.cds.fetch_timeout_secs, 3);
     }
 
     #[test]
