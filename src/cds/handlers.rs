@@ -39,13 +39,15 @@ fn body(body: Result<Bytes, BytesRejection>) -> Result<Bytes, FhirError> {
     body.map_err(|r| FhirError::new(r.status(), Issue::error("invalid", r.body_text())))
 }
 
-/// Checks the caller's JWT; its audience is the service's URL.
+/// Checks the caller's JWT; its audience is the URL called: the service's, plus `suffix`
+/// (e.g. `/feedback`).
 async fn authenticate<'a>(
     api: &'a CdsApi,
     headers: &HeaderMap,
     service: &ServiceDefinition,
+    suffix: &str,
 ) -> Result<Option<&'a crate::config::TrustedIssuer>, FhirError> {
-    let audience = format!("{}/cds-services/{}", api.public_base, service.id);
+    let audience = format!("{}/cds-services/{}{suffix}", api.public_base, service.id);
     api.auth
         .verify(headers.get(header::AUTHORIZATION), &audience)
         .await
@@ -64,7 +66,7 @@ pub async fn call(
     raw: Result<Bytes, BytesRejection>,
 ) -> Result<Response, FhirError> {
     let service = service(&api, &id)?;
-    let caller = authenticate(&api, &headers, service).await?;
+    let caller = authenticate(&api, &headers, service, "").await?;
     let raw = body(raw)?;
     let mut request = CdsRequest::parse(&raw, &service.hook, &service.prefetch)?;
     // A client may only point fhirgate at its own FHIR servers.
@@ -166,10 +168,7 @@ pub async fn feedback(
     raw: Result<Bytes, BytesRejection>,
 ) -> Result<Response, FhirError> {
     let service = service(&api, &id)?;
-    let audience = format!("{}/cds-services/{}/feedback", api.public_base, service.id);
-    api.auth
-        .verify(headers.get(header::AUTHORIZATION), &audience)
-        .await?;
+    authenticate(&api, &headers, service, "/feedback").await?;
     let raw = body(raw)?;
     let parsed: FeedbackBody = serde_json::from_slice(&raw)
         .map_err(|e| FhirError::bad_request("invalid", format!("not CDS Hooks feedback: {e}")))?;
