@@ -13,6 +13,7 @@ pub mod config;
 pub mod fhir;
 pub mod http;
 pub mod pa;
+pub mod remote;
 pub mod server;
 pub mod store;
 

@@ -4,6 +4,7 @@
 //! embedded store on `127.0.0.1:8080` with data under `./data`. Secrets are wrapped in [`Secret`],
 //! whose `Debug` and `Display` print `***`, so a config dump in a log never leaks them.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -65,6 +66,220 @@ pub struct Config {
     pub pa: PaConfig,
     pub cds: CdsConfig,
     pub log: LogConfig,
+    /// EHRs and FHIR servers resources are read from, by name (`/fhir/{name}/…`, sync jobs).
+    pub sources: BTreeMap<String, SourceConfig>,
+    /// FHIR stores resources are synced to, by name. `local` (the embedded store) always exists.
+    pub destinations: BTreeMap<String, DestinationConfig>,
+    pub sync: SyncConfig,
+}
+
+/// What kind of server a source is; it decides URL shapes and search rules.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum SourceKind {
+    /// OpenEMR: FHIR at `{base_url}/apis/{site_id}/fhir`, token at `{base_url}/oauth2/{site_id}/token`.
+    Openemr,
+    /// athenahealth: FHIR at `{base_url}/fhir/r4`, token at `{base_url}/oauth2/v1/token`; every
+    /// search carries `ah-practice`.
+    Athena,
+    /// Any FHIR R4 server; `base_url` is its FHIR base.
+    Fhir,
+    /// The embedded store of this process.
+    Embedded,
+}
+
+/// An EHR or FHIR server fhirgate reads from.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceConfig {
+    pub kind: SourceKind,
+    /// The site (OpenEMR), the API host (athenahealth) or the FHIR base (fhir).
+    #[serde(default)]
+    pub base_url: Option<String>,
+    /// OpenEMR site id.
+    #[serde(default = "default_site_id")]
+    pub site_id: String,
+    /// athenahealth practice id (e.g. `195900` in the preview sandbox), sent as `ah-practice`.
+    #[serde(default)]
+    pub practice_id: Option<String>,
+    /// OAuth2 client credentials; without it requests carry no token.
+    #[serde(default)]
+    pub auth: Option<OAuthConfig>,
+    /// Requests per second to this source (athenahealth: 15 in preview, 150 in production).
+    /// Unset: athenahealth 15, others unlimited.
+    #[serde(default)]
+    pub rate_limit_per_sec: Option<u32>,
+    /// `_count` of the searches sync issues.
+    #[serde(default = "default_page_size")]
+    pub page_size: usize,
+    /// Time one request may take.
+    #[serde(default = "default_remote_timeout")]
+    pub timeout_secs: u64,
+    /// Let `/fhir/{name}/…` pass writes through (reads only by default).
+    #[serde(default)]
+    pub allow_writes: bool,
+    /// Use `Patient/{id}/$everything` for patient syncs instead of one search per type.
+    #[serde(default)]
+    pub everything: bool,
+    /// Types searched with `patient={id}` in a patient sync (a default list when empty).
+    #[serde(default)]
+    pub patient_types: Vec<String>,
+}
+
+/// Where a sync writes.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum DestinationKind {
+    /// Azure Health Data Services FHIR service, with an Azure AD token.
+    Azure,
+    /// Any FHIR R4 server.
+    Fhir,
+    /// The embedded store of this process.
+    Embedded,
+}
+
+/// How ids are kept at a destination.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum IdStrategy {
+    /// The source's id.
+    #[default]
+    Preserve,
+    /// `{id_prefix}{id}`, with every reference rewritten to match.
+    Prefix,
+}
+
+/// How a resource is written at a destination.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum UpsertMode {
+    /// `PUT Type/id`.
+    #[default]
+    Id,
+    /// `PUT Type?identifier=system|value` (first identifier with both), else by id.
+    Identifier,
+}
+
+/// A FHIR store fhirgate writes to.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DestinationConfig {
+    pub kind: DestinationKind,
+    /// The FHIR base URL (Azure: `https://{workspace}-{service}.fhir.azurehealthcareapis.com`).
+    #[serde(default)]
+    pub base_url: Option<String>,
+    /// Azure AD tenant, for the token URL.
+    #[serde(default)]
+    pub tenant_id: Option<String>,
+    /// OAuth2 client credentials (Azure: the app registration; scope defaults to
+    /// `{base_url}/.default`).
+    #[serde(default)]
+    pub auth: Option<OAuthConfig>,
+    /// Entries per batch Bundle; 1 sends one `PUT` per resource. Azure's limit is 500.
+    #[serde(default)]
+    pub batch_size: Option<usize>,
+    /// Send batches as `transaction` Bundles (all-or-nothing) instead of `batch`.
+    #[serde(default)]
+    pub transaction: bool,
+    #[serde(default)]
+    pub id_strategy: IdStrategy,
+    /// Prefix for [`IdStrategy::Prefix`]; defaults to `{source}-`.
+    #[serde(default)]
+    pub id_prefix: Option<String>,
+    #[serde(default)]
+    pub upsert: UpsertMode,
+    /// Batches in flight at once.
+    #[serde(default = "default_concurrency")]
+    pub concurrency: usize,
+    /// Time one request may take.
+    #[serde(default = "default_remote_timeout")]
+    pub timeout_secs: u64,
+}
+
+/// How a client authenticates at a token endpoint.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum ClientAuthMethod {
+    #[default]
+    ClientSecretBasic,
+    ClientSecretPost,
+    /// A signed JWT assertion (SMART Backend Services), RS384 or ES384.
+    PrivateKeyJwt,
+}
+
+/// OAuth2 client-credentials settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OAuthConfig {
+    /// Overrides the token URL derived from the kind and base URL.
+    #[serde(default)]
+    pub token_url: Option<String>,
+    pub client_id: String,
+    #[serde(default)]
+    pub client_secret: Option<Secret<String>>,
+    #[serde(default)]
+    pub method: ClientAuthMethod,
+    /// PEM private key for `private_key_jwt`.
+    #[serde(default)]
+    pub private_key_file: Option<PathBuf>,
+    /// `kid` of that key, as registered with the EHR.
+    #[serde(default)]
+    pub key_id: Option<String>,
+    /// `RS384` (default) or `ES384`.
+    #[serde(default)]
+    pub algorithm: Option<String>,
+    /// Space-separated scopes, e.g. `system/Patient.read system/Observation.read`.
+    #[serde(default)]
+    pub scopes: Option<String>,
+}
+
+/// The sync engine.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SyncConfig {
+    /// Delivery attempts per resource before it is dead-lettered.
+    pub max_attempts: u32,
+    /// First retry delay; each retry doubles it (with full jitter) up to `backoff_max_ms`.
+    pub backoff_base_ms: u64,
+    pub backoff_max_ms: u64,
+    /// Resources held in memory per destination waiting for delivery; reading the source pauses
+    /// beyond it.
+    pub queue_limit: usize,
+    /// How long `/api/sync-*` waits for its job before answering 202.
+    pub api_wait_secs: u64,
+    /// Source and destination of `/api/sync-*` (the OpenEMR → Azure connector endpoints).
+    pub default_source: Option<String>,
+    pub default_destination: Option<String>,
+}
+
+impl Default for SyncConfig {
+    fn default() -> Self {
+        Self {
+            max_attempts: 8,
+            backoff_base_ms: 500,
+            backoff_max_ms: 300_000,
+            queue_limit: 20_000,
+            api_wait_secs: 25,
+            default_source: None,
+            default_destination: None,
+        }
+    }
+}
+
+fn default_site_id() -> String {
+    "default".into()
+}
+
+fn default_page_size() -> usize {
+    200
+}
+
+fn default_remote_timeout() -> u64 {
+    30
+}
+
+fn default_concurrency() -> usize {
+    4
 }
 
 /// CDS Hooks services.
@@ -329,12 +544,71 @@ impl Config {
                         }
                     }
                 }
+                "sync__max_attempts" => self.sync.max_attempts = parse(&value).map_err(bad)?,
+                "sync__backoff_base_ms" => {
+                    self.sync.backoff_base_ms = parse(&value).map_err(bad)?
+                }
+                "sync__backoff_max_ms" => self.sync.backoff_max_ms = parse(&value).map_err(bad)?,
+                "sync__api_wait_secs" => self.sync.api_wait_secs = parse(&value).map_err(bad)?,
+                "sync__default_source" => self.sync.default_source = Some(value.clone()),
+                "sync__default_destination" => {
+                    self.sync.default_destination = Some(value.clone())
+                }
                 // The config file path itself is read by the CLI, not here.
                 "config" => {}
-                _ => return Err(bad("unknown setting".into())),
+                other => {
+                    if !self.apply_remote_env(other, &value) {
+                        return Err(bad("unknown setting".into()));
+                    }
+                }
             }
         }
         Ok(())
+    }
+
+    /// `sources__{name}__{base_url|client_secret|practice_id}` and
+    /// `destinations__{name}__{base_url|client_secret|tenant_id}` for an already configured
+    /// name, so secrets and hosts can come from the environment.
+    fn apply_remote_env(&mut self, key: &str, value: &str) -> bool {
+        let parts: Vec<&str> = key.split("__").collect();
+        let [section, name, field] = parts.as_slice() else {
+            return false;
+        };
+        let secret = || {
+            Some(Secret::new(value.to_owned()))
+        };
+        match *section {
+            "sources" => {
+                let Some(source) = self.sources.get_mut(*name) else {
+                    return false;
+                };
+                match *field {
+                    "base_url" => source.base_url = Some(value.to_owned()),
+                    "practice_id" => source.practice_id = Some(value.to_owned()),
+                    "client_secret" => match source.auth.as_mut() {
+                        Some(auth) => auth.client_secret = secret(),
+                        None => return false,
+                    },
+                    _ => return false,
+                }
+            }
+            "destinations" => {
+                let Some(destination) = self.destinations.get_mut(*name) else {
+                    return false;
+                };
+                match *field {
+                    "base_url" => destination.base_url = Some(value.to_owned()),
+                    "tenant_id" => destination.tenant_id = Some(value.to_owned()),
+                    "client_secret" => match destination.auth.as_mut() {
+                        Some(auth) => auth.client_secret = secret(),
+                        None => return false,
+                    },
+                    _ => return false,
+                }
+            }
+            _ => return false,
+        }
+        true
     }
 
     /// The base URL clients use to reach this server, without a trailing slash.

@@ -19,7 +19,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::record;
 use super::{
-    Action, ChangeKind, Mutation, Outcome, Page, ResourceVersion, SearchPage, Store, StoreError,
+    Action, ChangeKind, KvOp, Mutation, Outcome, Page, ResourceVersion, SearchPage, Store, StoreError,
     WriteResult,
 };
 use crate::fhir::date::{format_instant, now_micros};
@@ -41,6 +41,8 @@ const INDEX_KEYS: TableDefinition<&str, &str> = TableDefinition::new("index_keys
 const RECORDS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("records");
 /// Counters that must survive restarts: the change sequence and the last timestamp issued.
 const COUNTERS: TableDefinition<&str, u64> = TableDefinition::new("counters");
+/// Small durable records by (space, key): sync outbox, watermarks, job state.
+const KV: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("kv");
 
 /// Most write requests folded into one commit.
 const MAX_GROUP: usize = 256;
@@ -72,6 +74,8 @@ struct WriteJob {
     atomic: bool,
     /// Records to append (stream, payload), for append jobs.
     appends: Vec<(String, Vec<u8>)>,
+    /// Key-value changes, for kv jobs.
+    kv: Vec<KvOp>,
     /// A job still queued at this instant is answered [`StoreError::Expired`] and not applied,
     /// so a caller that gave up never has its write land behind its back.
     deadline: Instant,
@@ -82,6 +86,7 @@ struct WriteJob {
 enum JobResult {
     Write(WriteResult),
     Appended(Vec<u64>),
+    Kv,
 }
 
 impl EmbeddedStore {
@@ -105,6 +110,7 @@ impl EmbeddedStore {
             txn.open_table(INDEX_KEYS).map_err(backend)?;
             txn.open_table(COUNTERS).map_err(backend)?;
             txn.open_table(RECORDS).map_err(backend)?;
+            txn.open_table(KV).map_err(backend)?;
             txn.commit().map_err(backend)?;
         }
         let (jobs, rx) = mpsc::unbounded_channel();
@@ -142,6 +148,33 @@ impl EmbeddedStore {
         } else {
             Err(StoreError::Closed)
         }
+    }
+
+    /// Hands one job to the writer thread and waits for its durable result.
+    async fn submit(
+        &self,
+        op: &'static str,
+        mutations: Vec<Mutation>,
+        atomic: bool,
+        appends: Vec<(String, Vec<u8>)>,
+        kv: Vec<KvOp>,
+    ) -> Result<JobResult, StoreError> {
+        self.ensure_open()?;
+        let started = Instant::now();
+        let (reply, answer) = oneshot::channel();
+        self.jobs
+            .send(Message::Write(WriteJob {
+                mutations,
+                atomic,
+                appends,
+                kv,
+                deadline: started + self.write_timeout,
+                reply,
+            }))
+            .map_err(|_| StoreError::Closed)?;
+        let result = answer.await.map_err(|_| StoreError::Closed)?;
+        observe(op, started);
+        result
     }
 
     async fn blocking<T, F>(&self, op: &'static str, f: F) -> Result<T, StoreError>
@@ -310,47 +343,85 @@ impl Store for EmbeddedStore {
         mutations: Vec<Mutation>,
         atomic: bool,
     ) -> Result<WriteResult, StoreError> {
-        self.ensure_open()?;
-        let started = Instant::now();
-        let (reply, answer) = oneshot::channel();
-        self.jobs
-            .send(Message::Write(WriteJob {
-                mutations,
-                atomic,
-                appends: Vec::new(),
-                deadline: started + self.write_timeout,
-                reply,
-            }))
-            .map_err(|_| StoreError::Closed)?;
-        let result = answer.await.map_err(|_| StoreError::Closed)?;
-        observe("write", started);
-        match result? {
+        match self.submit("write", mutations, atomic, Vec::new(), Vec::new()).await? {
             JobResult::Write(result) => Ok(result),
-            JobResult::Appended(_) => Err(StoreError::Corrupt("unexpected append result".into())),
+            _ => Err(StoreError::Corrupt("unexpected writer answer".into())),
         }
     }
 
     async fn append(&self, stream: &str, payload: Vec<u8>) -> Result<u64, StoreError> {
-        self.ensure_open()?;
-        let started = Instant::now();
-        let (reply, answer) = oneshot::channel();
-        self.jobs
-            .send(Message::Write(WriteJob {
-                mutations: Vec::new(),
-                atomic: true,
-                appends: vec![(stream.to_owned(), payload)],
-                deadline: started + self.write_timeout,
-                reply,
-            }))
-            .map_err(|_| StoreError::Closed)?;
-        let result = answer.await.map_err(|_| StoreError::Closed)??;
-        observe("append", started);
-        match result {
+        let appends = vec![(stream.to_owned(), payload)];
+        match self.submit("append", Vec::new(), true, appends, Vec::new()).await? {
             JobResult::Appended(mut seqs) => {
                 seqs.pop().ok_or(StoreError::Corrupt("no sequence".into()))
             }
-            JobResult::Write(_) => Err(StoreError::Corrupt("unexpected write result".into())),
+            _ => Err(StoreError::Corrupt("unexpected writer answer".into())),
         }
+    }
+
+    async fn kv_apply(&self, ops: Vec<KvOp>) -> Result<(), StoreError> {
+        if ops.is_empty() {
+            return Ok(());
+        }
+        match self.submit("kv_apply", Vec::new(), true, Vec::new(), ops).await? {
+            JobResult::Kv => Ok(()),
+            _ => Err(StoreError::Corrupt("unexpected writer answer".into())),
+        }
+    }
+
+    async fn kv_get(
+        &self,
+        space: &str,
+        keys: Vec<String>,
+    ) -> Result<Vec<Option<Bytes>>, StoreError> {
+        let space = space.to_owned();
+        self.blocking("kv_get", move |db| {
+            let txn = db.begin_read().map_err(backend)?;
+            let table = txn.open_table(KV).map_err(backend)?;
+            keys.iter()
+                .map(|key| {
+                    Ok(table
+                        .get((space.as_str(), key.as_str()))
+                        .map_err(backend)?
+                        .map(|v| Bytes::copy_from_slice(v.value())))
+                })
+                .collect()
+        })
+        .await
+    }
+
+    async fn kv_scan(
+        &self,
+        space: &str,
+        after: Option<String>,
+        limit: usize,
+    ) -> Result<Vec<(String, Bytes)>, StoreError> {
+        let space = space.to_owned();
+        self.blocking("kv_scan", move |db| {
+            let txn = db.begin_read().map_err(backend)?;
+            let table = txn.open_table(KV).map_err(backend)?;
+            let start = after.as_deref().unwrap_or("");
+            let mut out = Vec::new();
+            for item in table
+                .range((space.as_str(), start)..)
+                .map_err(backend)?
+            {
+                let (k, v) = item.map_err(backend)?;
+                let (item_space, key) = k.value();
+                if item_space != space {
+                    break;
+                }
+                if after.is_some() && key == start {
+                    continue;
+                }
+                out.push((key.to_owned(), Bytes::copy_from_slice(v.value())));
+                if out.len() >= limit {
+                    break;
+                }
+            }
+            Ok(out)
+        })
+        .await
     }
 
     async fn records(
@@ -694,8 +765,24 @@ impl Writer {
                 index_keys: txn.open_table(INDEX_KEYS).map_err(backend)?,
             };
             let mut records = txn.open_table(RECORDS).map_err(backend)?;
+            let mut kv = txn.open_table(KV).map_err(backend)?;
             let mut results = Vec::with_capacity(jobs.len());
             for job in jobs.iter_mut() {
+                if !job.kv.is_empty() {
+                    for op in std::mem::take(&mut job.kv) {
+                        match op.value {
+                            Some(value) => {
+                                kv.insert((op.space, op.key.as_str()), value.as_slice())
+                                    .map_err(backend)?;
+                            }
+                            None => {
+                                kv.remove((op.space, op.key.as_str())).map_err(backend)?;
+                            }
+                        }
+                    }
+                    results.push(JobResult::Kv);
+                    continue;
+                }
                 if !job.appends.is_empty() {
                     let mut seqs = Vec::new();
                     for (stream, payload) in std::mem::take(&mut job.appends) {

@@ -177,11 +177,53 @@ pub trait Store: Send + Sync + 'static {
         limit: usize,
     ) -> Result<Vec<(u64, Bytes)>, StoreError>;
 
+    /// Applies `ops` to the key-value spaces (sync state, watermarks, …) in one durable,
+    /// all-or-nothing commit.
+    async fn kv_apply(&self, ops: Vec<KvOp>) -> Result<(), StoreError>;
+
+    /// The values of `keys` in `space`, in the same order (`None` where absent).
+    async fn kv_get(&self, space: &str, keys: Vec<String>) -> Result<Vec<Option<Bytes>>, StoreError>;
+
+    /// Entries of `space` with keys after `after` (from the start when `None`), in key order,
+    /// at most `limit`.
+    async fn kv_scan(
+        &self,
+        space: &str,
+        after: Option<String>,
+        limit: usize,
+    ) -> Result<Vec<(String, Bytes)>, StoreError>;
+
     /// Whether the store is open and serving.
     fn is_ready(&self) -> bool;
 
     /// Finishes pending writes and closes the store; later calls fail with [`StoreError::Closed`].
     async fn close(&self);
+}
+
+/// One change to a key-value space: set `key` to `value`, or delete it when `value` is `None`.
+#[derive(Debug, Clone)]
+pub struct KvOp {
+    pub space: &'static str,
+    pub key: String,
+    pub value: Option<Vec<u8>>,
+}
+
+impl KvOp {
+    pub fn put(space: &'static str, key: impl Into<String>, value: Vec<u8>) -> Self {
+        Self {
+            space,
+            key: key.into(),
+            value: Some(value),
+        }
+    }
+
+    pub fn delete(space: &'static str, key: impl Into<String>) -> Self {
+        Self {
+            space,
+            key: key.into(),
+            value: None,
+        }
+    }
 }
 
 /// The answer to [`Store::write`].
