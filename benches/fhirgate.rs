@@ -149,7 +149,7 @@ fn router_put_get(c: &mut Criterion) {
         let mut config = fhirgate::config::Config::default();
         config.store.data_dir = dir.path().to_path_buf();
         let app = runtime
-            .block_on(async { fhirgate::App::build(&config, "http://bench") })
+            .block_on(async { fhirgate::App::build(&config, "http://bench").await })
             .expect("app");
         let mut n = 0u64;
         group.bench_function(BenchmarkId::new("put_then_get_patient", medium), |b| {
@@ -230,7 +230,7 @@ fn cds_order_sign(c: &mut Criterion) {
         fhir_servers: Vec::new(),
     }];
     let app = runtime
-        .block_on(async { fhirgate::App::build(&config, "http://bench") })
+        .block_on(async { fhirgate::App::build(&config, "http://bench").await })
         .expect("app");
     let body = order_sign_request();
     let mut group = c.benchmark_group("cds");

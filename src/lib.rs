@@ -4,7 +4,9 @@
 //! [`server`] FHIR REST facade, which checks resources with [`fhir`] (validation, search
 //! parameters, OperationOutcome) and keeps them in a [`store`] (embedded redb by default).
 //! [`pa`] decides prior authorization against the payer policies in `policies/`; [`cds`] serves
-//! it as CDS Hooks / Da Vinci CRD services defined in `hooks/`.
+//! it as CDS Hooks / Da Vinci CRD services defined in `hooks/`. [`remote`] holds the outbound
+//! FHIR clients (EHR sources, Azure and other destinations) and [`sync`] the durable outbox that
+//! moves resources between them; configured sources are also readable under `/fhir/{source}/`.
 //! [`config`] is read once at startup. [`run`] ties them together: it takes an already-bound
 //! listener and a shutdown future, so tests start a real server on `127.0.0.1:0`.
 
@@ -16,6 +18,7 @@ pub mod pa;
 pub mod remote;
 pub mod server;
 pub mod store;
+pub mod sync;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -29,17 +32,20 @@ use crate::fhir::{SchemaValidator, SearchRegistry};
 use crate::server::FhirApi;
 use crate::store::{EmbeddedStore, Store};
 
-/// The assembled application: the HTTP router with its middleware, and the store it serves.
+/// The assembled application: the HTTP router with its middleware, the store it serves, and
+/// the sync engine working in the background.
 pub struct App {
     pub router: axum::Router,
     pub store: Arc<dyn Store>,
     pub policies: Arc<pa::PolicySet>,
+    pub sync: Arc<sync::SyncEngine>,
+    pub sync_api: Arc<sync::api::SyncApi>,
 }
 
 impl App {
-    /// Loads the schema, opens the store and builds the router. `public_base` is the URL
-    /// clients use to reach the server (`http://host:port`).
-    pub fn build(config: &Config, public_base: &str) -> anyhow::Result<Self> {
+    /// Loads the schema, opens the store, starts the sync engine and builds the router.
+    /// `public_base` is the URL clients use to reach the server (`http://host:port`).
+    pub async fn build(config: &Config, public_base: &str) -> anyhow::Result<Self> {
         let schema = Arc::new(match &config.fhir.schema_path {
             Some(path) => {
                 let text = std::fs::read_to_string(path)
@@ -58,6 +64,23 @@ impl App {
             )
             .with_context(|| format!("opening the store in {}", config.store.data_dir.display()))?,
         );
+        let remotes =
+            remote::Remotes::build(config, store.clone(), schema.clone(), search.clone())?;
+        let engine = sync::SyncEngine::start(store.clone(), &remotes, config.sync.clone())
+            .await
+            .context("starting the sync engine")?;
+        let sync_api = Arc::new(sync::api::SyncApi {
+            engine: engine.clone(),
+            schema: schema.clone(),
+            config: config.sync.clone(),
+            sources: config.sources.keys().cloned().collect(),
+            destinations: config.destinations.keys().cloned().collect(),
+        });
+        let proxies = Arc::new(server::proxy::Proxies {
+            sources: remotes.proxies.clone(),
+            base_url: format!("{}/fhir", public_base.trim_end_matches('/')),
+            max_body_bytes: config.server.max_body_bytes,
+        });
         let fhir = Arc::new(FhirApi::new(
             store.clone(),
             schema,
@@ -94,11 +117,18 @@ impl App {
         });
         let routes = server::router(fhir)
             .merge(cds::router(cds))
-            .merge(http::ops_router(store.clone()));
+            .merge(sync::router(sync_api.clone()))
+            .merge(http::ops_router(store.clone()))
+            .layer(axum::middleware::from_fn_with_state(
+                proxies,
+                server::proxy::route_to_source,
+            ));
         Ok(Self {
             router: http::app(routes, &config.server),
             store,
             policies,
+            sync: engine,
+            sync_api,
         })
     }
 }
@@ -128,7 +158,7 @@ where
         Some(url) => url.trim_end_matches('/').to_owned(),
         None => format!("http://{local}"),
     };
-    let app = App::build(&config, &public_base)?;
+    let app = App::build(&config, &public_base).await?;
     tracing::info!(
         address = %local,
         data_dir = %config.store.data_dir.display(),
@@ -144,6 +174,9 @@ where
         Duration::from_secs(config.server.shutdown_grace_secs),
     )
     .await;
+    app.sync
+        .shutdown(Duration::from_secs(config.server.shutdown_grace_secs))
+        .await;
     app.store.close().await;
     tracing::info!("store closed; bye");
     served.context("serving HTTP")

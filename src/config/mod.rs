@@ -551,9 +551,7 @@ impl Config {
                 "sync__backoff_max_ms" => self.sync.backoff_max_ms = parse(&value).map_err(bad)?,
                 "sync__api_wait_secs" => self.sync.api_wait_secs = parse(&value).map_err(bad)?,
                 "sync__default_source" => self.sync.default_source = Some(value.clone()),
-                "sync__default_destination" => {
-                    self.sync.default_destination = Some(value.clone())
-                }
+                "sync__default_destination" => self.sync.default_destination = Some(value.clone()),
                 // The config file path itself is read by the CLI, not here.
                 "config" => {}
                 other => {
@@ -574,9 +572,7 @@ impl Config {
         let [section, name, field] = parts.as_slice() else {
             return false;
         };
-        let secret = || {
-            Some(Secret::new(value.to_owned()))
-        };
+        let secret = || Some(Secret::new(value.to_owned()));
         match *section {
             "sources" => {
                 let Some(source) = self.sources.get_mut(*name) else {

@@ -226,6 +226,7 @@ impl FhirSink for EmbeddedSink {
                         results[i] = Some(Delivery::Retry {
                             reason: "unexpected store answer".into(),
                             after: None,
+                            uncertain: true,
                         });
                     }
                 }
@@ -234,6 +235,8 @@ impl FhirSink for EmbeddedSink {
                         results[i] = Some(Delivery::Retry {
                             reason: format!("embedded store: {e}"),
                             after: None,
+                            // A store write is all or nothing; a failed one wrote nothing.
+                            uncertain: false,
                         });
                     }
                 }
@@ -245,9 +248,42 @@ impl FhirSink for EmbeddedSink {
                 r.unwrap_or(Delivery::Retry {
                     reason: "not attempted".into(),
                     after: None,
+                    uncertain: false,
                 })
             })
             .collect()
+    }
+
+    async fn current(
+        &self,
+        resource_type: &str,
+        ids: &[String],
+    ) -> Result<Vec<Option<Value>>, RemoteError> {
+        let mut found = Vec::with_capacity(ids.len());
+        for id in ids {
+            found.push(self.read_current(resource_type, id).await?);
+        }
+        Ok(found)
+    }
+}
+
+impl EmbeddedSink {
+    async fn read_current(
+        &self,
+        resource_type: &str,
+        id: &str,
+    ) -> Result<Option<Value>, RemoteError> {
+        match self
+            .store
+            .read(resource_type, id)
+            .await
+            .map_err(store_failure)?
+        {
+            Some(version) if !version.is_deleted() => serde_json::from_slice(&version.body)
+                .map(Some)
+                .map_err(|e| RemoteError::Invalid(format!("stored body unreadable: {e}"))),
+            _ => Ok(None),
+        }
     }
 }
 

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use reqwest::{Method, StatusCode};
-use serde_json::{json, Value};
+use serde_json::Value;
 
 pub use embedded::{EmbeddedSink, EmbeddedSource};
 pub use oauth::{ClientCredentials, TokenProvider};
@@ -90,6 +90,12 @@ pub fn is_retriable_status(status: u16) -> bool {
     status == 408 || status == 429 || status >= 500
 }
 
+/// Whether a write answered with `status` may still have been applied: server errors other
+/// than "unavailable", and no answer at all (0).
+fn may_have_applied(status: u16) -> bool {
+    status == 0 || (status >= 500 && status != 503)
+}
+
 /// A transport error in a few words, without the URL (which may carry identifiers).
 pub(crate) fn describe(e: &reqwest::Error) -> String {
     let kind = if e.is_timeout() {
@@ -123,7 +129,9 @@ pub fn parse_retry_after(value: &str) -> Option<Duration> {
     let format = time::macros::format_description!(
         "[weekday repr:short], [day] [month repr:short] [year] [hour]:[minute]:[second] GMT"
     );
-    let at = time::PrimitiveDateTime::parse(value, format).ok()?.assume_utc();
+    let at = time::PrimitiveDateTime::parse(value, format)
+        .ok()?
+        .assume_utc();
     let wait = at - time::OffsetDateTime::now_utc();
     Some(Duration::from_secs(wait.whole_seconds().max(0) as u64))
 }
@@ -149,9 +157,9 @@ impl Page {
             .get("link")
             .and_then(Value::as_array)
             .and_then(|links| {
-                links.iter().find(|l| {
-                    l.get("relation").and_then(Value::as_str) == Some("next")
-                })
+                links
+                    .iter()
+                    .find(|l| l.get("relation").and_then(Value::as_str) == Some("next"))
             })
             .and_then(|l| l.get("url"))
             .and_then(Value::as_str)
@@ -187,8 +195,11 @@ impl Page {
 pub trait FhirSource: Send + Sync {
     fn name(&self) -> &str;
     /// The first page of `{type}?{params}`.
-    async fn search(&self, resource_type: &str, params: &[(String, String)])
-        -> Result<Page, RemoteError>;
+    async fn search(
+        &self,
+        resource_type: &str,
+        params: &[(String, String)],
+    ) -> Result<Page, RemoteError>;
     /// A later page, by the `next` link of the one before.
     async fn page(&self, url: &str) -> Result<Page, RemoteError>;
     /// The current version; `None` when it does not exist (any more).
@@ -215,6 +226,9 @@ pub enum Delivery {
     Retry {
         reason: String,
         after: Option<Duration>,
+        /// The request may have been applied even so (a timeout, a server error): check the
+        /// destination before writing again.
+        uncertain: bool,
     },
     /// Refused for good; `outcome` is the destination's OperationOutcome.
     Reject {
@@ -230,6 +244,11 @@ impl Delivery {
             Self::Retry {
                 reason: error.to_string(),
                 after: error.retry_after(),
+                uncertain: match error {
+                    RemoteError::Transport(_) => true,
+                    RemoteError::Status { status, .. } => may_have_applied(*status),
+                    _ => false,
+                },
             }
         } else {
             Self::Reject {
@@ -249,6 +268,13 @@ pub trait FhirSink: Send + Sync {
     fn batch_size(&self) -> usize;
     /// Creates or updates each resource at its id; one [`Delivery`] per input, in order.
     async fn upsert(&self, batch: Vec<Outgoing>) -> Vec<Delivery>;
+    /// The current resource at each of `ids` (`None` where there is none), to check whether an
+    /// attempt whose answer was lost in fact succeeded before writing again.
+    async fn current(
+        &self,
+        resource_type: &str,
+        ids: &[String],
+    ) -> Result<Vec<Option<Value>>, RemoteError>;
 }
 
 /// A FHIR server over HTTP, as a source or a destination.
@@ -516,11 +542,24 @@ impl RemoteFhir {
     }
 
     async fn put_one(&self, item: &Outgoing) -> Delivery {
-        let (url, body) = match self.write_target(item) {
-            Ok(target) => target,
+        let url = match self.write_url(item) {
+            Ok(url) => url,
             Err(delivery) => return delivery,
         };
-        match self.send(Method::PUT, &self.url(&url), Some(body), &[]).await {
+        let body = match serde_json::to_vec(&item.resource) {
+            Ok(body) => Bytes::from(body),
+            Err(e) => {
+                return Delivery::Reject {
+                    status: 0,
+                    reason: format!("cannot encode the resource: {e}"),
+                    outcome: None,
+                }
+            }
+        };
+        match self
+            .send(Method::PUT, &self.url(&url), Some(body), &[minimal()])
+            .await
+        {
             Ok(response) => match json_or_error(&self.name, response).await {
                 Ok(_) => Delivery::Done,
                 Err(e) => Delivery::from_error(&e),
@@ -529,49 +568,34 @@ impl RemoteFhir {
         }
     }
 
-    /// The relative URL (`Type/id` or a conditional `Type?identifier=…`) and the body.
-    fn write_target(&self, item: &Outgoing) -> Result<(String, Bytes), Delivery> {
-        let body = serde_json::to_vec(&item.resource).map_err(|e| Delivery::Reject {
-            status: 0,
-            reason: format!("cannot encode the resource: {e}"),
-            outcome: None,
-        })?;
-        let url = match (self.upsert, identifier_query(&item.resource)) {
+    /// The relative URL of a write: `Type/id`, or a conditional `Type?identifier=…`.
+    fn write_url(&self, item: &Outgoing) -> Result<String, Delivery> {
+        Ok(match (self.upsert, identifier_query(&item.resource)) {
             (UpsertMode::Identifier, Some(query)) => format!("{}?{query}", item.resource_type),
             _ => format!("{}/{}", item.resource_type, item.id),
-        };
-        Ok((url, body.into()))
+        })
     }
 
     async fn post_bundle(&self, batch: &[Outgoing]) -> Vec<Delivery> {
-        let mut entries = Vec::with_capacity(batch.len());
         let mut failed: Vec<Option<Delivery>> = vec![None; batch.len()];
-        for (i, item) in batch.iter().enumerate() {
-            match self.write_target(item) {
-                Ok((url, _)) => entries.push(json!({
-                    "fullUrl": format!("{}/{}/{}", self.base, item.resource_type, item.id),
-                    "resource": item.resource,
-                    "request": {"method": "PUT", "url": url},
-                })),
-                Err(delivery) => failed[i] = Some(delivery),
-            }
-        }
-        let kind = if self.transaction { "transaction" } else { "batch" };
-        let bundle = json!({"resourceType": "Bundle", "type": kind, "entry": entries});
-        let body = match serde_json::to_vec(&bundle) {
-            Ok(body) => Bytes::from(body),
+        let body = match self.bundle_body(batch, &mut failed) {
+            Ok(body) => body,
             Err(e) => {
                 let reason = format!("cannot encode the Bundle: {e}");
                 return batch
                     .iter()
-                    .map(|_| Delivery::Retry {
+                    .map(|_| Delivery::Reject {
+                        status: 0,
                         reason: reason.clone(),
-                        after: None,
+                        outcome: None,
                     })
                     .collect();
             }
         };
-        let answer = match self.send(Method::POST, &self.base, Some(body), &[]).await {
+        let answer = match self
+            .send(Method::POST, &self.base, Some(body), &[minimal()])
+            .await
+        {
             Ok(response) => json_or_error(&self.name, response).await,
             Err(e) => Err(e),
         };
@@ -579,7 +603,7 @@ impl RemoteFhir {
         let mut results = match answer {
             Ok(bundle) => bundle_results(&bundle, sent),
             Err(e) => {
-                // A transaction fails as a whole; each entry shares the answer.
+                // The Bundle failed as a whole; each entry shares the answer.
                 let delivery = Delivery::from_error(&e);
                 vec![delivery; sent]
             }
@@ -592,10 +616,57 @@ impl RemoteFhir {
                     results.next().unwrap_or(Delivery::Retry {
                         reason: "the response Bundle has fewer entries than the request".into(),
                         after: None,
+                        uncertain: true,
                     })
                 })
             })
             .collect()
+    }
+
+    /// A batch (or transaction) Bundle of `PUT`s, written straight from the resources without
+    /// copying them. Entries that cannot be sent are marked in `failed`.
+    fn bundle_body(
+        &self,
+        batch: &[Outgoing],
+        failed: &mut [Option<Delivery>],
+    ) -> Result<Bytes, serde_json::Error> {
+        use std::io::Write;
+        let kind = if self.transaction {
+            "transaction"
+        } else {
+            "batch"
+        };
+        let mut out: Vec<u8> = Vec::with_capacity(batch.len() * 2048);
+        let _ = write!(
+            out,
+            r#"{{"resourceType":"Bundle","type":"{kind}","entry":["#
+        );
+        let mut first = true;
+        for (i, item) in batch.iter().enumerate() {
+            let url = match self.write_url(item) {
+                Ok(url) => url,
+                Err(delivery) => {
+                    failed[i] = Some(delivery);
+                    continue;
+                }
+            };
+            if !first {
+                out.push(b',');
+            }
+            first = false;
+            out.extend_from_slice(br#"{"fullUrl":"#);
+            serde_json::to_writer(
+                &mut out,
+                &format!("{}/{}/{}", self.base, item.resource_type, item.id),
+            )?;
+            out.extend_from_slice(br#","resource":"#);
+            serde_json::to_writer(&mut out, &item.resource)?;
+            out.extend_from_slice(br#","request":{"method":"PUT","url":"#);
+            serde_json::to_writer(&mut out, &url)?;
+            out.extend_from_slice(b"}}");
+        }
+        out.extend_from_slice(b"]}");
+        Ok(out.into())
     }
 
     /// Relays a facade request to this source: the path below its base, the query, and the
@@ -609,8 +680,7 @@ impl RemoteFhir {
     ) -> Result<reqwest::Response, RemoteError> {
         let mut url = self.url(path_and_query);
         if let (Some(SourceKind::Athena), Some(practice)) = (self.kind, &self.practice) {
-            if method == Method::GET && !url.contains("ah-practice=") && is_search(path_and_query)
-            {
+            if method == Method::GET && !url.contains("ah-practice=") && is_search(path_and_query) {
                 let sep = if url.contains('?') { '&' } else { '?' };
                 url.push(sep);
                 url.push_str(&format!("ah-practice=Organization/a-1.Practice-{practice}"));
@@ -618,6 +688,14 @@ impl RemoteFhir {
         }
         self.send(method, &url, body, extra).await
     }
+}
+
+/// `Prefer: return=minimal`: the destination need not send the written resources back.
+fn minimal() -> (http::HeaderName, http::HeaderValue) {
+    (
+        http::HeaderName::from_static("prefer"),
+        http::HeaderValue::from_static("return=minimal"),
+    )
 }
 
 /// `Type` or `Type?…` (a search), not `Type/id`.
@@ -657,6 +735,7 @@ fn bundle_results(bundle: &Value, expected: usize) -> Vec<Delivery> {
             .map(|_| Delivery::Retry {
                 reason: reason.clone(),
                 after: None,
+                uncertain: true,
             })
             .collect();
     }
@@ -685,6 +764,7 @@ fn bundle_results(bundle: &Value, expected: usize) -> Vec<Delivery> {
                 Delivery::Retry {
                     reason,
                     after: None,
+                    uncertain: may_have_applied(status),
                 }
             } else {
                 Delivery::Reject {
@@ -727,8 +807,9 @@ async fn json_or_error(remote: &str, response: reqwest::Response) -> Result<Valu
         if body.is_empty() {
             return Ok(Value::Null);
         }
-        return serde_json::from_slice(&body)
-            .map_err(|e| RemoteError::Invalid(format!("{remote} sent a body that is not JSON: {e}")));
+        return serde_json::from_slice(&body).map_err(|e| {
+            RemoteError::Invalid(format!("{remote} sent a body that is not JSON: {e}"))
+        });
     }
     let outcome = serde_json::from_slice::<Value>(&body)
         .ok()
@@ -736,7 +817,10 @@ async fn json_or_error(remote: &str, response: reqwest::Response) -> Result<Valu
     Err(RemoteError::Status {
         status: status.as_u16(),
         retry_after,
-        message: format!("{remote} answered {status}{}", outcome_summary(outcome.as_ref())),
+        message: format!(
+            "{remote} answered {status}{}",
+            outcome_summary(outcome.as_ref())
+        ),
         outcome,
     })
 }
@@ -772,7 +856,10 @@ impl FhirSource for RemoteFhir {
     }
 
     async fn read(&self, resource_type: &str, id: &str) -> Result<Option<Value>, RemoteError> {
-        match self.get_json(&self.url(&format!("{resource_type}/{id}"))).await {
+        match self
+            .get_json(&self.url(&format!("{resource_type}/{id}")))
+            .await
+        {
             Ok(resource) => Ok(Some(resource)),
             Err(RemoteError::Status {
                 status: 404 | 410, ..
@@ -814,6 +901,33 @@ impl FhirSink for RemoteFhir {
         }
         out
     }
+
+    async fn current(
+        &self,
+        resource_type: &str,
+        ids: &[String],
+    ) -> Result<Vec<Option<Value>>, RemoteError> {
+        // `_id` searches, a few dozen ids each, keep the URL short.
+        const IDS_PER_SEARCH: usize = 40;
+        let mut found: std::collections::HashMap<String, Value> = Default::default();
+        for chunk in ids.chunks(IDS_PER_SEARCH) {
+            let query = serde_urlencoded::to_string([
+                ("_id", chunk.join(",")),
+                ("_count", chunk.len().to_string()),
+            ])
+            .map_err(|e| RemoteError::Invalid(format!("encoding the search: {e}")))?;
+            let url = format!("{}/{resource_type}?{query}", self.base);
+            for resource in Page::from_bundle(self.get_json(&url).await?)?.resources {
+                if resource.get("resourceType").and_then(Value::as_str) != Some(resource_type) {
+                    continue;
+                }
+                if let Some(id) = resource.get("id").and_then(Value::as_str) {
+                    found.insert(id.to_owned(), resource.clone());
+                }
+            }
+        }
+        Ok(ids.iter().map(|id| found.remove(id)).collect())
+    }
 }
 
 /// Every configured source and destination, built once at startup.
@@ -843,7 +957,12 @@ impl Remotes {
         remotes.sources.insert(LOCAL.into(), local_source);
         remotes.sinks.insert(
             LOCAL.into(),
-            Arc::new(EmbeddedSink::new(LOCAL, store.clone(), schema.clone(), validate)),
+            Arc::new(EmbeddedSink::new(
+                LOCAL,
+                store.clone(),
+                schema.clone(),
+                validate,
+            )),
         );
         remotes.destinations.insert(
             LOCAL.into(),
@@ -887,7 +1006,9 @@ impl Remotes {
                 _ => Arc::new(RemoteFhir::destination(name, destination)?),
             };
             remotes.sinks.insert(name.clone(), sink);
-            remotes.destinations.insert(name.clone(), destination.clone());
+            remotes
+                .destinations
+                .insert(name.clone(), destination.clone());
         }
         Ok(remotes)
     }
@@ -903,13 +1024,16 @@ fn check_name(name: &str) -> anyhow::Result<()> {
     if ok {
         Ok(())
     } else {
-        anyhow::bail!("{name:?}: source and destination names are lowercase letters, digits, - and _")
+        anyhow::bail!(
+            "{name:?}: source and destination names are lowercase letters, digits, - and _"
+        )
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     #[test]
     fn retry_after_reads_seconds_and_dates() {

@@ -66,9 +66,8 @@ impl ClientCredentials {
                 let path = config.private_key_file.as_ref().ok_or_else(|| {
                     anyhow::anyhow!("{remote}: private_key_jwt needs auth.private_key_file")
                 })?;
-                let pem = std::fs::read(path).map_err(|e| {
-                    anyhow::anyhow!("{remote}: reading {}: {e}", path.display())
-                })?;
+                let pem = std::fs::read(path)
+                    .map_err(|e| anyhow::anyhow!("{remote}: reading {}: {e}", path.display()))?;
                 let (key, algorithm) = match config.algorithm.as_deref().unwrap_or("RS384") {
                     "RS384" => (EncodingKey::from_rsa_pem(&pem)?, Algorithm::RS384),
                     "ES384" => (EncodingKey::from_ec_pem(&pem)?, Algorithm::ES384),
@@ -164,7 +163,10 @@ impl ClientCredentials {
             .await
             .map_err(|e| {
                 self.count("unreachable");
-                RemoteError::auth(0, format!("token endpoint unreachable: {}", super::describe(&e)))
+                RemoteError::auth(
+                    0,
+                    format!("token endpoint unreachable: {}", super::describe(&e)),
+                )
             })?;
         let status = response.status();
         if !status.is_success() {

@@ -3,6 +3,7 @@
 
 mod bundle;
 mod capability;
+pub mod proxy;
 mod response;
 mod rest;
 mod search;

@@ -19,8 +19,8 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::record;
 use super::{
-    Action, ChangeKind, KvOp, Mutation, Outcome, Page, ResourceVersion, SearchPage, Store, StoreError,
-    WriteResult,
+    Action, ChangeKind, KvOp, Mutation, Outcome, Page, ResourceVersion, SearchPage, Store,
+    StoreError, WriteResult,
 };
 use crate::fhir::date::{format_instant, now_micros};
 use crate::fhir::search::{ClauseKind, Probe, SearchQuery, Sort};
@@ -343,7 +343,10 @@ impl Store for EmbeddedStore {
         mutations: Vec<Mutation>,
         atomic: bool,
     ) -> Result<WriteResult, StoreError> {
-        match self.submit("write", mutations, atomic, Vec::new(), Vec::new()).await? {
+        match self
+            .submit("write", mutations, atomic, Vec::new(), Vec::new())
+            .await?
+        {
             JobResult::Write(result) => Ok(result),
             _ => Err(StoreError::Corrupt("unexpected writer answer".into())),
         }
@@ -351,7 +354,10 @@ impl Store for EmbeddedStore {
 
     async fn append(&self, stream: &str, payload: Vec<u8>) -> Result<u64, StoreError> {
         let appends = vec![(stream.to_owned(), payload)];
-        match self.submit("append", Vec::new(), true, appends, Vec::new()).await? {
+        match self
+            .submit("append", Vec::new(), true, appends, Vec::new())
+            .await?
+        {
             JobResult::Appended(mut seqs) => {
                 seqs.pop().ok_or(StoreError::Corrupt("no sequence".into()))
             }
@@ -363,7 +369,10 @@ impl Store for EmbeddedStore {
         if ops.is_empty() {
             return Ok(());
         }
-        match self.submit("kv_apply", Vec::new(), true, Vec::new(), ops).await? {
+        match self
+            .submit("kv_apply", Vec::new(), true, Vec::new(), ops)
+            .await?
+        {
             JobResult::Kv => Ok(()),
             _ => Err(StoreError::Corrupt("unexpected writer answer".into())),
         }
@@ -402,10 +411,7 @@ impl Store for EmbeddedStore {
             let table = txn.open_table(KV).map_err(backend)?;
             let start = after.as_deref().unwrap_or("");
             let mut out = Vec::new();
-            for item in table
-                .range((space.as_str(), start)..)
-                .map_err(backend)?
-            {
+            for item in table.range((space.as_str(), start)..).map_err(backend)? {
                 let (k, v) = item.map_err(backend)?;
                 let (item_space, key) = k.value();
                 if item_space != space {

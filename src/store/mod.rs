@@ -182,7 +182,11 @@ pub trait Store: Send + Sync + 'static {
     async fn kv_apply(&self, ops: Vec<KvOp>) -> Result<(), StoreError>;
 
     /// The values of `keys` in `space`, in the same order (`None` where absent).
-    async fn kv_get(&self, space: &str, keys: Vec<String>) -> Result<Vec<Option<Bytes>>, StoreError>;
+    async fn kv_get(
+        &self,
+        space: &str,
+        keys: Vec<String>,
+    ) -> Result<Vec<Option<Bytes>>, StoreError>;
 
     /// Entries of `space` with keys after `after` (from the start when `None`), in key order,
     /// at most `limit`.

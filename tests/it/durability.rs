@@ -8,12 +8,22 @@ use std::time::Duration;
 use reqwest::{Client, StatusCode};
 use serde_json::json;
 
-struct Server {
-    child: Child,
-    base: String,
+pub struct Server {
+    pub child: Child,
+    pub base: String,
 }
 
-fn free_port() -> u16 {
+impl Drop for Server {
+    /// A test that fails midway leaves no server behind.
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .expect("bind")
         .local_addr()
@@ -22,9 +32,22 @@ fn free_port() -> u16 {
 }
 
 async fn start(data_dir: &std::path::Path) -> Server {
-    let port = free_port();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_fhirgate"))
-        .arg("serve")
+    start_binary(data_dir, None, free_port()).await
+}
+
+/// The real binary on `port`, with its data in `data_dir` and, when given, a config file.
+pub async fn start_binary(
+    data_dir: &std::path::Path,
+    config: Option<&std::path::Path>,
+    port: u16,
+) -> Server {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_fhirgate"));
+    command.arg("serve");
+    if let Some(config) = config {
+        command.arg("--config").arg(config);
+    }
+    let mut child = command
+        .env_remove("FHIRGATE_CONFIG")
         .env("FHIRGATE_SERVER__BIND", format!("127.0.0.1:{port}"))
         .env("FHIRGATE_STORE__DATA_DIR", data_dir)
         .env("FHIRGATE_LOG__LEVEL", "warn")

@@ -70,7 +70,14 @@ impl TestApp {
     }
 
     pub async fn start_with(configure: impl FnOnce(&mut Config)) -> Self {
-        let data_dir = tempfile::tempdir().expect("temp dir");
+        Self::start_in(tempfile::tempdir().expect("temp dir"), configure).await
+    }
+
+    /// A server on the data of an earlier one (see [`TestApp::stop`]).
+    pub async fn start_in(
+        data_dir: tempfile::TempDir,
+        configure: impl FnOnce(&mut Config),
+    ) -> Self {
         let mut config = Config::default();
         config.store.data_dir = data_dir.path().to_path_buf();
         config.log.level = "warn".into();

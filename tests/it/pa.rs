@@ -537,7 +537,12 @@ fn a_policy_with_errors_stops_startup_with_file_and_line() {
     let mut config = fhirgate::config::Config::default();
     config.pa.policies_dir = dir.path().to_path_buf();
     config.store.data_dir = dir.path().join("data");
-    let err = match fhirgate::App::build(&config, "http://test") {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let built = runtime.block_on(fhirgate::App::build(&config, "http://test"));
+    let err = match built {
         Ok(_) => panic!("startup must fail"),
         Err(e) => format!("{e:#}"),
     };

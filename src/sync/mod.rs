@@ -1,0 +1,502 @@
+//! Sync: durable delivery of resources from a source (an EHR, any FHIR server, the embedded
+//! store) to a destination (Azure Health Data Services, any FHIR server, the embedded store).
+//!
+//! A job is expanded by reading its source page by page ([`expand`]); every resource version
+//! becomes an outbox entry, committed to the store before the page's cursor and watermark move.
+//! One worker per destination ([`deliver`]) claims entries in order, batches them, writes them
+//! and settles each: delivered, retried later with exponential backoff and full jitter
+//! (honouring `Retry-After`), or parked as a dead letter with the destination's answer. Every
+//! state change goes through [`SyncEngine::transact`], so a crash or a kill loses nothing that
+//! was accepted: on restart unfinished jobs resume from their cursor and entries are delivered,
+//! their bodies read from the source again.
+
+pub mod api;
+pub mod cli;
+mod deliver;
+mod expand;
+pub mod model;
+mod outbox;
+pub mod transform;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+pub use api::router;
+pub use model::{Counts, DeadKind, DeadLetter, Job, JobState, Scope};
+pub use outbox::ResourceResult;
+
+use crate::config::{DestinationConfig, IdStrategy, SyncConfig};
+use crate::remote::{FhirSink, FhirSource, Remotes};
+use crate::store::{Store, StoreError};
+use model::{seq_key, Entry, DEAD, ENTRIES, JOBS, META, META_SEQ};
+use outbox::{now_rfc3339, JobSlot, Queued, State};
+
+/// Why a sync request cannot be carried out.
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("the sync engine is shutting down")]
+    ShuttingDown,
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// A job to start.
+#[derive(Debug, Clone)]
+pub struct JobRequest {
+    pub source: String,
+    pub destination: String,
+    pub scope: Scope,
+    /// Keep each resource's outcome in memory for [`SyncEngine::results`].
+    pub track_results: bool,
+}
+
+/// The engine: jobs, the outbox and the workers that empty it.
+pub struct SyncEngine {
+    store: Arc<dyn Store>,
+    sources: BTreeMap<String, Arc<dyn FhirSource>>,
+    sinks: BTreeMap<String, Arc<dyn FhirSink>>,
+    destinations: BTreeMap<String, DestinationConfig>,
+    config: SyncConfig,
+    state: Mutex<State>,
+    /// Held while a change commits, so changes reach the store in the order they were made.
+    commit: tokio::sync::Mutex<()>,
+    /// Bumped after every committed change; waiters re-check their job.
+    changes: watch::Sender<u64>,
+    shutdown: watch::Sender<bool>,
+    tasks: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl SyncEngine {
+    /// Loads jobs and outbox entries from the store, then starts one worker per destination
+    /// and resumes every job that was still reading its source.
+    pub async fn start(
+        store: Arc<dyn Store>,
+        remotes: &Remotes,
+        config: SyncConfig,
+    ) -> Result<Arc<Self>, StoreError> {
+        let engine = Arc::new(Self {
+            store,
+            sources: remotes.sources.clone(),
+            sinks: remotes.sinks.clone(),
+            destinations: remotes.destinations.clone(),
+            config,
+            state: Mutex::new(State::default()),
+            commit: tokio::sync::Mutex::new(()),
+            changes: watch::channel(0).0,
+            shutdown: watch::channel(false).0,
+            tasks: Mutex::new(Vec::new()),
+        });
+        let resume = engine.recover().await?;
+        let mut tasks = Vec::new();
+        for (name, sink) in &engine.sinks {
+            let concurrency = engine
+                .destinations
+                .get(name)
+                .map_or(2, |d| d.concurrency.max(1));
+            tasks.push(tokio::spawn(engine.clone().run_lane(
+                name.clone(),
+                sink.clone(),
+                concurrency,
+            )));
+        }
+        engine.lock_tasks().extend(tasks);
+        for job in resume {
+            engine.spawn_expansion(job);
+        }
+        Ok(engine)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn lock_tasks(&self) -> MutexGuard<'_, Vec<JoinHandle<()>>> {
+        self.tasks.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Rebuilds the in-memory state from the store; returns the jobs to expand again.
+    async fn recover(&self) -> Result<Vec<u64>, StoreError> {
+        let mut state = State::default();
+        if let Some(Some(seq)) = self
+            .store
+            .kv_get(META, vec![META_SEQ.to_owned()])
+            .await?
+            .into_iter()
+            .next()
+        {
+            state.next_seq = std::str::from_utf8(&seq)
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(0);
+        }
+        for (key, value) in scan_all(&*self.store, JOBS).await? {
+            match serde_json::from_slice::<Job>(&value) {
+                Ok(job) => {
+                    state.jobs.insert(job.id, JobSlot::new(job, false));
+                }
+                Err(e) => tracing::error!(key, error = %e, "unreadable sync job skipped"),
+            }
+        }
+        let mut entries = 0usize;
+        for (key, value) in scan_all(&*self.store, ENTRIES).await? {
+            let entry: Entry = match serde_json::from_slice(&value) {
+                Ok(entry) => entry,
+                Err(e) => {
+                    tracing::error!(key, error = %e, "unreadable outbox entry skipped");
+                    continue;
+                }
+            };
+            state.next_seq = state.next_seq.max(entry.seq);
+            if let Some(slot) = state.jobs.get_mut(&entry.job) {
+                *slot.tiers.entry(entry.tier).or_default() += 1;
+            }
+            let lane = state.lanes.entry(entry.destination.clone()).or_default();
+            let key = entry.key();
+            // Entries are scanned oldest first, so the last one per resource is the newest.
+            lane.newest.insert(key.clone(), entry.seq);
+            lane.entries.insert(
+                entry.seq,
+                Queued {
+                    entry,
+                    key,
+                    body: None,
+                    in_flight: false,
+                    // It may have been in flight when the process stopped.
+                    uncertain: true,
+                },
+            );
+            entries += 1;
+        }
+        let resume: Vec<u64> = state
+            .jobs
+            .values()
+            .filter(|slot| slot.job.state == JobState::Expanding)
+            .map(|slot| slot.job.id)
+            .collect();
+        let delivering: Vec<u64> = state
+            .jobs
+            .values()
+            .filter(|slot| slot.job.state == JobState::Delivering)
+            .map(|slot| slot.job.id)
+            .collect();
+        for lane in state.lanes.values() {
+            lane.wake.notify_one();
+        }
+        if entries > 0 || !resume.is_empty() {
+            tracing::info!(entries, expanding = resume.len(), "sync outbox recovered");
+        }
+        *self.lock() = state;
+        // Jobs whose last entries settled just before a crash finish now.
+        self.transact(|tx| {
+            for id in delivering {
+                tx.job(id);
+            }
+        })
+        .await?;
+        Ok(resume)
+    }
+
+    /// Starts a job: checks the request, records the job durably, and starts reading the
+    /// source. The job is returned as recorded (state `expanding`).
+    pub async fn submit(self: &Arc<Self>, request: JobRequest) -> Result<Job, SyncError> {
+        if *self.shutdown.borrow() {
+            return Err(SyncError::ShuttingDown);
+        }
+        if !self.sources.contains_key(&request.source) {
+            return Err(SyncError::Invalid(format!(
+                "unknown source {:?}; configured: {}",
+                request.source,
+                self.sources.keys().cloned().collect::<Vec<_>>().join(", ")
+            )));
+        }
+        if !self.sinks.contains_key(&request.destination) {
+            return Err(SyncError::Invalid(format!(
+                "unknown destination {:?}; configured: {}",
+                request.destination,
+                self.sinks.keys().cloned().collect::<Vec<_>>().join(", ")
+            )));
+        }
+        if request.source == request.destination
+            && self
+                .destinations
+                .get(&request.destination)
+                .is_some_and(|d| d.kind == crate::config::DestinationKind::Embedded)
+            && self
+                .id_prefix(&request.source, &request.destination)
+                .is_none()
+        {
+            return Err(SyncError::Invalid(
+                "the source and the destination are the same store".into(),
+            ));
+        }
+        let job = self
+            .transact(|tx| {
+                // Jobs are numbered on their own (1, 2, …); they are never deleted.
+                let id = tx.state.jobs.keys().next_back().map_or(1, |last| last + 1);
+                let job = Job {
+                    id,
+                    source: request.source.clone(),
+                    destination: request.destination.clone(),
+                    scope: request.scope.clone(),
+                    state: JobState::Expanding,
+                    counts: Counts::default(),
+                    types: BTreeMap::new(),
+                    created: now_rfc3339(),
+                    expanded: None,
+                    finished: None,
+                    cursor: None,
+                    missing: Vec::new(),
+                    errors: Vec::new(),
+                };
+                tx.state
+                    .jobs
+                    .insert(id, JobSlot::new(job.clone(), request.track_results));
+                tx.job(id);
+                job
+            })
+            .await?;
+        tracing::info!(
+            job = job.id,
+            source = %job.source,
+            destination = %job.destination,
+            "sync job accepted"
+        );
+        self.spawn_expansion(job.id);
+        Ok(job)
+    }
+
+    fn spawn_expansion(self: &Arc<Self>, job: u64) {
+        let handle = tokio::spawn(self.clone().expand(job));
+        let mut tasks = self.lock_tasks();
+        tasks.retain(|t| !t.is_finished());
+        tasks.push(handle);
+    }
+
+    /// The job as it is now.
+    pub fn job(&self, id: u64) -> Option<Job> {
+        self.lock().jobs.get(&id).map(|slot| slot.job.clone())
+    }
+
+    /// Jobs newest first, those with ids below `before` when given, at most `limit`.
+    pub fn jobs(&self, before: Option<u64>, limit: usize) -> Vec<Job> {
+        let state = self.lock();
+        state
+            .jobs
+            .range(..before.unwrap_or(u64::MAX))
+            .rev()
+            .take(limit)
+            .map(|(_, slot)| slot.job.clone())
+            .collect()
+    }
+
+    /// The per-resource outcomes of a job submitted with `track_results`; they are handed
+    /// out once and no longer kept.
+    pub fn take_results(&self, id: u64) -> Option<Vec<ResourceResult>> {
+        self.lock()
+            .jobs
+            .get_mut(&id)
+            .and_then(|slot| slot.results.take())
+    }
+
+    /// Waits until the job has finished, or `timeout` has passed; returns it either way.
+    pub async fn wait(&self, id: u64, timeout: Duration) -> Option<Job> {
+        let mut changes = self.changes.subscribe();
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let job = self.job(id)?;
+            if job.state.is_finished() {
+                return Some(job);
+            }
+            match tokio::time::timeout_at(deadline, changes.changed()).await {
+                Ok(Ok(())) => {}
+                _ => return self.job(id),
+            }
+        }
+    }
+
+    /// Dead letters with ids after `after`, oldest first, at most `limit`.
+    pub async fn dead_letters(
+        &self,
+        after: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<DeadLetter>, SyncError> {
+        let records = self.store.kv_scan(DEAD, after.map(seq_key), limit).await?;
+        Ok(records
+            .into_iter()
+            .filter_map(|(_, value)| serde_json::from_slice(&value).ok())
+            .collect())
+    }
+
+    /// Puts a dead letter back to work in its job: a resource is queued again (read afresh
+    /// from the source), a page is fetched again and its job resumes reading from there.
+    pub async fn retry_dead_letter(self: &Arc<Self>, id: u64) -> Result<Job, SyncError> {
+        if *self.shutdown.borrow() {
+            return Err(SyncError::ShuttingDown);
+        }
+        let letter: DeadLetter = self
+            .store
+            .kv_get(DEAD, vec![seq_key(id)])
+            .await?
+            .into_iter()
+            .next()
+            .flatten()
+            .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+            .ok_or_else(|| SyncError::NotFound(format!("no dead letter {id}")))?;
+        let expand_again = self
+            .transact(|tx| -> Result<bool, SyncError> {
+                let Some(slot) = tx.job(letter.job) else {
+                    return Err(SyncError::NotFound(format!(
+                        "the job {} of dead letter {id} is gone",
+                        letter.job
+                    )));
+                };
+                if letter.kind == DeadKind::Page && slot.job.state == JobState::Expanding {
+                    return Err(SyncError::Conflict(format!(
+                        "job {} is still reading its source; retry when it has finished",
+                        letter.job
+                    )));
+                }
+                slot.job.finished = None;
+                match letter.kind {
+                    DeadKind::Resource => {
+                        slot.job.counts.failed = slot.job.counts.failed.saturating_sub(1);
+                        if let Some(t) = letter.resource_type.as_deref() {
+                            let counts = slot.job.type_counts(t);
+                            counts.failed = counts.failed.saturating_sub(1);
+                        }
+                        slot.job.counts.queued = slot.job.counts.queued.saturating_sub(1);
+                        if slot.job.state.is_finished() {
+                            slot.job.state = JobState::Delivering;
+                        }
+                    }
+                    DeadKind::Page => {
+                        slot.job.counts.failed_pages =
+                            slot.job.counts.failed_pages.saturating_sub(1);
+                        slot.job.errors.clear();
+                        slot.job.state = JobState::Expanding;
+                        slot.job.cursor = letter.step.map(|step| model::Cursor {
+                            step,
+                            next: letter.url.clone(),
+                            newest: None,
+                            ordered: false,
+                            single: true,
+                        });
+                    }
+                }
+                tx.delete(DEAD, seq_key(id));
+                if letter.kind == DeadKind::Resource {
+                    let (Some(resource_type), Some(resource_id), Some(version)) = (
+                        letter.resource_type.clone(),
+                        letter.resource_id.clone(),
+                        letter.version.clone(),
+                    ) else {
+                        return Ok(false);
+                    };
+                    // Queued as new: counted again, delivered at the source's current version.
+                    let prefix = letter
+                        .target_id
+                        .as_deref()
+                        .and_then(|t| t.strip_suffix(resource_id.as_str()))
+                        .filter(|p| !p.is_empty())
+                        .map(str::to_owned);
+                    tx.enqueue(
+                        letter.job,
+                        prefix.as_deref(),
+                        vec![outbox::Candidate {
+                            resource_type,
+                            id: resource_id,
+                            version,
+                            body: None,
+                        }],
+                        &HashMap::new(),
+                    );
+                }
+                Ok(letter.kind == DeadKind::Page)
+            })
+            .await??;
+        if expand_again {
+            self.spawn_expansion(letter.job);
+        }
+        tracing::info!(dead_letter = id, job = letter.job, "dead letter retried");
+        self.job(letter.job)
+            .ok_or_else(|| SyncError::NotFound(format!("job {}", letter.job)))
+    }
+
+    /// Stops reading sources and taking new batches, and waits (up to `grace`) for deliveries
+    /// in flight to settle. Whatever is left stays in the outbox for the next start.
+    pub async fn shutdown(&self, grace: Duration) {
+        self.shutdown.send_replace(true);
+        {
+            let state = self.lock();
+            for lane in state.lanes.values() {
+                lane.wake.notify_waiters();
+                lane.room.notify_waiters();
+            }
+        }
+        let tasks: Vec<JoinHandle<()>> = std::mem::take(&mut *self.lock_tasks());
+        let all = async {
+            for task in tasks {
+                let _ = task.await;
+            }
+        };
+        if tokio::time::timeout(grace, all).await.is_err() {
+            tracing::warn!("sync work still in flight at shutdown; it resumes on the next start");
+        }
+    }
+
+    /// The id prefix `destination` puts on what `source` sends it, if any.
+    fn id_prefix(&self, source: &str, destination: &str) -> Option<String> {
+        let config = self.destinations.get(destination)?;
+        (config.id_strategy == IdStrategy::Prefix).then(|| {
+            config
+                .id_prefix
+                .clone()
+                .unwrap_or_else(|| format!("{source}-"))
+        })
+    }
+
+    /// Exponential backoff with full jitter: a random wait up to `base · 2^(attempt-1)`,
+    /// capped, and never shorter than the destination's `Retry-After`.
+    fn backoff(&self, attempt: u32, retry_after: Option<Duration>) -> Duration {
+        let base = self.config.backoff_base_ms.max(1);
+        let cap = self.config.backoff_max_ms.max(base);
+        let ceiling = base
+            .saturating_mul(1u64 << attempt.saturating_sub(1).min(32))
+            .min(cap);
+        let jitter = (uuid::Uuid::new_v4().as_u128() as u64) % (ceiling + 1);
+        Duration::from_millis(jitter).max(retry_after.unwrap_or_default())
+    }
+
+    fn is_shutting_down(&self) -> bool {
+        *self.shutdown.borrow()
+    }
+}
+
+/// Every record of a key-value space, in key order.
+async fn scan_all(
+    store: &dyn Store,
+    space: &str,
+) -> Result<Vec<(String, bytes::Bytes)>, StoreError> {
+    const CHUNK: usize = 10_000;
+    let mut all = Vec::new();
+    let mut after = None;
+    loop {
+        let chunk = store.kv_scan(space, after.clone(), CHUNK).await?;
+        let full = chunk.len() == CHUNK;
+        after = chunk.last().map(|(k, _)| k.clone());
+        all.extend(chunk);
+        if !full {
+            return Ok(all);
+        }
+    }
+}

@@ -1,0 +1,595 @@
+//! The outbox: entries waiting per destination ("lanes"), the jobs they belong to, and the one
+//! way state changes — [`SyncEngine::transact`], which applies a change in memory and commits
+//! the matching key-value records durably, in the order the changes were made.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Serialize;
+use serde_json::Value;
+use tokio::sync::Notify;
+
+use super::model::{
+    seq_key, tier, DeadKind, DeadLetter, Delivered, Entry, Job, JobState, DEAD, DELIVERED, ENTRIES,
+    JOBS, META, META_SEQ,
+};
+use super::SyncEngine;
+use crate::store::{KvOp, StoreError};
+
+/// What the engine holds in memory; the store holds the same, durably.
+#[derive(Default)]
+pub(super) struct State {
+    pub next_seq: u64,
+    pub jobs: BTreeMap<u64, JobSlot>,
+    pub lanes: HashMap<String, Lane>,
+}
+
+pub(super) struct JobSlot {
+    pub job: Job,
+    /// Entries not yet settled, by tier; the lowest tier present is the one being delivered.
+    pub tiers: BTreeMap<u8, u64>,
+    /// Per-resource outcomes, for callers that asked for them (the `/api/sync-*` endpoints).
+    pub results: Option<Vec<ResourceResult>>,
+}
+
+impl JobSlot {
+    pub fn new(job: Job, track_results: bool) -> Self {
+        Self {
+            job,
+            tiers: BTreeMap::new(),
+            results: track_results.then(Vec::new),
+        }
+    }
+
+    fn add_tier(&mut self, tier: u8) {
+        *self.tiers.entry(tier).or_default() += 1;
+    }
+
+    fn settle_tier(&mut self, tier: u8) {
+        if let Some(count) = self.tiers.get_mut(&tier) {
+            *count -= 1;
+            if *count == 0 {
+                self.tiers.remove(&tier);
+            }
+        }
+    }
+
+    fn record(&mut self, entry: &Entry, success: bool, error: Option<String>) {
+        if let Some(results) = &mut self.results {
+            results.push(ResourceResult {
+                success,
+                resource_type: entry.resource_type.clone(),
+                resource_id: entry.id.clone(),
+                error,
+            });
+        }
+    }
+}
+
+/// The outcome of one resource, in the shape the OpenEMR → Azure connector reported it.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ResourceResult {
+    pub success: bool,
+    pub resource_type: String,
+    pub resource_id: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// The entries waiting for one destination.
+#[derive(Default)]
+pub(super) struct Lane {
+    /// By sequence number: oldest first.
+    pub entries: BTreeMap<u64, Queued>,
+    /// The newest entry per destination resource (`Type/id`).
+    pub newest: HashMap<String, u64>,
+    /// Destination resources with a delivery in flight; their next entry waits.
+    pub busy: HashSet<String>,
+    /// No deliveries before this time (milliseconds since the epoch): the destination asked
+    /// for a pause with `Retry-After`.
+    pub paused_until: i64,
+    pub wake: Arc<Notify>,
+    pub room: Arc<Notify>,
+}
+
+pub(super) struct Queued {
+    pub entry: Entry,
+    pub key: String,
+    /// The resource as read from the source; `None` after a restart (read again on delivery).
+    pub body: Option<Value>,
+    pub in_flight: bool,
+    /// An earlier attempt may have been applied without us hearing so (a timeout, a crash):
+    /// the destination is checked before writing again.
+    pub uncertain: bool,
+}
+
+/// A resource read from a source, to be queued.
+pub(super) struct Candidate {
+    pub resource_type: String,
+    pub id: String,
+    pub version: String,
+    pub body: Option<Value>,
+}
+
+/// What became of one delivery attempt.
+pub(super) enum Settled {
+    Done {
+        version: String,
+        /// Found at the destination rather than written now.
+        verified: bool,
+    },
+    /// Gone from the source before it could be delivered.
+    Gone,
+    Retry {
+        reason: String,
+        after: Option<Duration>,
+        body: Option<Value>,
+        uncertain: bool,
+    },
+    Reject {
+        status: u16,
+        reason: String,
+        outcome: Option<Value>,
+    },
+}
+
+/// One change in progress: the state it mutates and the records to commit with it.
+pub(super) struct Tx<'a> {
+    pub state: &'a mut State,
+    ops: Vec<KvOp>,
+    touched: BTreeSet<u64>,
+    lanes_touched: BTreeSet<String>,
+    seq_before: u64,
+}
+
+impl Tx<'_> {
+    pub fn seq(&mut self) -> u64 {
+        self.state.next_seq += 1;
+        self.state.next_seq
+    }
+
+    pub fn put<T: Serialize>(&mut self, space: &'static str, key: String, value: &T) {
+        match serde_json::to_vec(value) {
+            Ok(bytes) => self.ops.push(KvOp::put(space, key, bytes)),
+            // Our own records always serialize; a failure here is a bug worth a loud log.
+            Err(e) => tracing::error!(space, error = %e, "sync record did not serialize"),
+        }
+    }
+
+    pub fn delete(&mut self, space: &'static str, key: String) {
+        self.ops.push(KvOp::delete(space, key));
+    }
+
+    /// The job, marked to have its snapshot written with this change.
+    pub fn job(&mut self, id: u64) -> Option<&mut JobSlot> {
+        self.touched.insert(id);
+        self.state.jobs.get_mut(&id)
+    }
+
+    pub fn lane(&mut self, destination: &str) -> &mut Lane {
+        if !self.lanes_touched.contains(destination) {
+            self.lanes_touched.insert(destination.to_owned());
+        }
+        self.state.lanes.entry(destination.to_owned()).or_default()
+    }
+
+    /// Queues `candidates` for `job`. A resource already delivered at the same version, or
+    /// already waiting at that version, is skipped; an older version still waiting (and not in
+    /// flight) is superseded by the new one. Returns how many entries were queued.
+    pub fn enqueue(
+        &mut self,
+        job_id: u64,
+        prefix: Option<&str>,
+        candidates: Vec<Candidate>,
+        delivered: &HashMap<String, Delivered>,
+    ) -> usize {
+        let Some(slot) = self.state.jobs.get(&job_id) else {
+            return 0;
+        };
+        let source = slot.job.source.clone();
+        let destination = slot.job.destination.clone();
+        self.touched.insert(job_id);
+        self.lanes_touched.insert(destination.clone());
+        let mut queued = 0;
+        for candidate in candidates {
+            let target_id = match prefix {
+                Some(prefix) => format!("{prefix}{}", candidate.id),
+                None => candidate.id.clone(),
+            };
+            let key = format!("{}/{}", candidate.resource_type, target_id);
+            let State { lanes, jobs, .. } = &mut *self.state;
+            let lane = lanes.entry(destination.clone()).or_default();
+            if let Some(&old) = lane.newest.get(&key) {
+                let Some(waiting) = lane.entries.get(&old) else {
+                    continue;
+                };
+                if waiting.entry.version == candidate.version {
+                    if waiting.entry.job != job_id {
+                        skip(jobs, job_id, &candidate.resource_type, &candidate.id);
+                    }
+                    continue;
+                }
+                if !waiting.in_flight {
+                    // Superseded before it went out: the newer version replaces it.
+                    if let Some(old_entry) = lane.entries.remove(&old).map(|q| q.entry) {
+                        if let Some(slot) = jobs.get_mut(&old_entry.job) {
+                            slot.settle_tier(old_entry.tier);
+                            slot.job.counts.skipped += 1;
+                            slot.job.type_counts(&old_entry.resource_type).skipped += 1;
+                        }
+                        self.touched.insert(old_entry.job);
+                        self.ops.push(KvOp::delete(ENTRIES, seq_key(old)));
+                    }
+                }
+            } else if let Some(done) = delivered.get(&key) {
+                if done.version == candidate.version && done.source == source {
+                    if done.job != job_id {
+                        skip(jobs, job_id, &candidate.resource_type, &candidate.id);
+                    }
+                    continue;
+                }
+            }
+            self.state.next_seq += 1;
+            let seq = self.state.next_seq;
+            let entry = Entry {
+                seq,
+                job: job_id,
+                source: source.clone(),
+                destination: destination.clone(),
+                tier: tier(&candidate.resource_type),
+                resource_type: candidate.resource_type,
+                id: candidate.id,
+                target_id,
+                version: candidate.version,
+                attempts: 0,
+                not_before: 0,
+                last_error: None,
+            };
+            match serde_json::to_vec(&entry) {
+                Ok(bytes) => self.ops.push(KvOp::put(ENTRIES, seq_key(seq), bytes)),
+                Err(_) => continue,
+            }
+            let lane = self.state.lanes.entry(destination.clone()).or_default();
+            lane.newest.insert(key.clone(), seq);
+            if let Some(slot) = self.state.jobs.get_mut(&job_id) {
+                slot.add_tier(entry.tier);
+                slot.job.counts.queued += 1;
+            }
+            lane.entries.insert(
+                seq,
+                Queued {
+                    entry,
+                    key,
+                    body: candidate.body,
+                    in_flight: false,
+                    uncertain: false,
+                },
+            );
+            queued += 1;
+        }
+        queued
+    }
+
+    /// Applies the results of one delivery attempt to `destination`'s entries.
+    pub fn settle(&mut self, engine: &SyncEngine, destination: &str, results: Vec<(u64, Settled)>) {
+        let now = now_millis();
+        for (seq, settled) in results {
+            let lane = self.lane(destination);
+            let Some(queued) = lane.entries.get_mut(&seq) else {
+                continue;
+            };
+            queued.in_flight = false;
+            let key = queued.key.clone();
+            lane.busy.remove(&key);
+            let superseded = lane.newest.get(&key) != Some(&seq);
+            match settled {
+                Settled::Done { version, verified } => {
+                    let entry = self.remove(destination, seq);
+                    let Some(entry) = entry else { continue };
+                    self.put(
+                        DELIVERED,
+                        format!("{destination}|{key}"),
+                        &Delivered {
+                            source: entry.source.clone(),
+                            version,
+                            job: entry.job,
+                        },
+                    );
+                    count(destination, &entry.resource_type, "done");
+                    if let Some(slot) = self.job(entry.job) {
+                        slot.job.counts.done += 1;
+                        slot.job.counts.verified += u64::from(verified);
+                        slot.job.type_counts(&entry.resource_type).done += 1;
+                        slot.record(&entry, true, None);
+                    }
+                }
+                Settled::Gone => {
+                    let Some(entry) = self.remove(destination, seq) else {
+                        continue;
+                    };
+                    count(destination, &entry.resource_type, "skipped");
+                    if let Some(slot) = self.job(entry.job) {
+                        slot.job.counts.skipped += 1;
+                        slot.job.type_counts(&entry.resource_type).skipped += 1;
+                        slot.record(&entry, true, Some("gone from the source".into()));
+                    }
+                }
+                Settled::Retry {
+                    reason,
+                    after,
+                    body,
+                    uncertain,
+                } => {
+                    if superseded {
+                        // A newer version waits behind this one; it replaces the retry.
+                        let Some(entry) = self.remove(destination, seq) else {
+                            continue;
+                        };
+                        if let Some(slot) = self.job(entry.job) {
+                            slot.job.counts.skipped += 1;
+                            slot.job.type_counts(&entry.resource_type).skipped += 1;
+                        }
+                        continue;
+                    }
+                    let attempts = queued.entry.attempts + 1;
+                    if attempts >= engine.config.max_attempts.max(1) {
+                        let reason = format!("gave up after {attempts} attempts: {reason}");
+                        self.dead_letter(destination, seq, 0, reason, None);
+                        continue;
+                    }
+                    let wait = engine.backoff(attempts, after);
+                    queued.entry.attempts = attempts;
+                    queued.entry.not_before = now + wait.as_millis() as i64;
+                    queued.entry.last_error = Some(reason);
+                    queued.body = body;
+                    queued.uncertain |= uncertain;
+                    let entry = queued.entry.clone();
+                    if let Some(after) = after {
+                        let lane = self.lane(destination);
+                        lane.paused_until = lane.paused_until.max(now + after.as_millis() as i64);
+                    }
+                    self.put(ENTRIES, seq_key(seq), &entry);
+                    count(destination, &entry.resource_type, "retried");
+                    if let Some(slot) = self.job(entry.job) {
+                        slot.job.counts.retried += 1;
+                    }
+                }
+                Settled::Reject {
+                    status,
+                    reason,
+                    outcome,
+                } => self.dead_letter(destination, seq, status, reason, outcome),
+            }
+        }
+    }
+
+    /// Takes an entry out of its lane (memory and store), settling its tier.
+    fn remove(&mut self, destination: &str, seq: u64) -> Option<Entry> {
+        let lane = self.lane(destination);
+        let queued = lane.entries.remove(&seq)?;
+        if lane.newest.get(&queued.key) == Some(&seq) {
+            lane.newest.remove(&queued.key);
+        }
+        let entry = queued.entry;
+        self.delete(ENTRIES, seq_key(seq));
+        if let Some(slot) = self.job(entry.job) {
+            slot.settle_tier(entry.tier);
+        }
+        Some(entry)
+    }
+
+    fn dead_letter(
+        &mut self,
+        destination: &str,
+        seq: u64,
+        status: u16,
+        reason: String,
+        outcome: Option<Value>,
+    ) {
+        let Some(entry) = self.remove(destination, seq) else {
+            return;
+        };
+        let id = self.seq();
+        tracing::warn!(
+            job = entry.job,
+            entry = seq,
+            dead_letter = id,
+            destination,
+            resource_type = %entry.resource_type,
+            resource_id = %entry.id,
+            status,
+            "resource dead-lettered"
+        );
+        count(destination, &entry.resource_type, "failed");
+        metrics::counter!("fhirgate_sync_dead_letters_total", "destination" => destination.to_owned(), "kind" => "resource")
+            .increment(1);
+        let letter = DeadLetter {
+            id,
+            kind: DeadKind::Resource,
+            job: entry.job,
+            source: entry.source.clone(),
+            destination: destination.to_owned(),
+            resource_type: Some(entry.resource_type.clone()),
+            resource_id: Some(entry.id.clone()),
+            target_id: Some(entry.target_id.clone()),
+            version: Some(entry.version.clone()),
+            tier: entry.tier,
+            step: None,
+            url: None,
+            status,
+            reason: reason.clone(),
+            outcome,
+            attempts: entry.attempts + 1,
+            at: now_rfc3339(),
+        };
+        self.put(DEAD, seq_key(id), &letter);
+        if let Some(slot) = self.job(entry.job) {
+            slot.job.counts.failed += 1;
+            slot.job.type_counts(&entry.resource_type).failed += 1;
+            slot.record(&entry, false, Some(reason));
+        }
+    }
+
+    /// Records a source page or read that could not be fetched.
+    pub fn dead_page(
+        &mut self,
+        job_id: u64,
+        step: Option<usize>,
+        url: Option<String>,
+        error: &crate::remote::RemoteError,
+    ) {
+        let id = self.seq();
+        let Some(slot) = self.job(job_id) else { return };
+        slot.job.counts.failed_pages += 1;
+        let reason = error.to_string();
+        slot.job.errors.push(reason.clone());
+        let letter = DeadLetter {
+            id,
+            kind: DeadKind::Page,
+            job: job_id,
+            source: slot.job.source.clone(),
+            destination: slot.job.destination.clone(),
+            resource_type: None,
+            resource_id: None,
+            target_id: None,
+            version: None,
+            tier: 0,
+            step,
+            url,
+            status: error.status().unwrap_or(0),
+            reason,
+            outcome: error.outcome().cloned(),
+            attempts: 0,
+            at: now_rfc3339(),
+        };
+        tracing::warn!(
+            job = job_id,
+            dead_letter = id,
+            status = letter.status,
+            "source page dead-lettered"
+        );
+        metrics::counter!("fhirgate_sync_dead_letters_total", "destination" => letter.destination.clone(), "kind" => "page")
+            .increment(1);
+        self.put(DEAD, seq_key(id), &letter);
+    }
+
+    /// Adds the snapshots of every job changed and the sequence counter, and finishes jobs
+    /// that have nothing left to do.
+    fn finish(mut self) -> Vec<KvOp> {
+        for id in std::mem::take(&mut self.touched) {
+            let Some(slot) = self.state.jobs.get_mut(&id) else {
+                continue;
+            };
+            if slot.job.state == JobState::Delivering && slot.tiers.is_empty() {
+                slot.job.state = if slot.job.has_problems() {
+                    JobState::CompletedWithErrors
+                } else {
+                    JobState::Completed
+                };
+                slot.job.finished = Some(now_rfc3339());
+                let state = if slot.job.has_problems() {
+                    "completed-with-errors"
+                } else {
+                    "completed"
+                };
+                metrics::counter!("fhirgate_sync_jobs_total", "state" => state).increment(1);
+                tracing::info!(
+                    job = id,
+                    done = slot.job.counts.done,
+                    skipped = slot.job.counts.skipped,
+                    failed = slot.job.counts.failed,
+                    state,
+                    "sync job finished"
+                );
+            }
+            match serde_json::to_vec(&slot.job) {
+                Ok(bytes) => self.ops.push(KvOp::put(JOBS, seq_key(id), bytes)),
+                Err(e) => tracing::error!(job = id, error = %e, "job did not serialize"),
+            }
+        }
+        for destination in std::mem::take(&mut self.lanes_touched) {
+            if let Some(lane) = self.state.lanes.get(&destination) {
+                metrics::gauge!("fhirgate_sync_queue_depth", "destination" => destination.clone())
+                    .set(lane.entries.len() as f64);
+                lane.wake.notify_one();
+                lane.room.notify_waiters();
+            }
+        }
+        if self.state.next_seq != self.seq_before {
+            self.ops.push(KvOp::put(
+                META,
+                META_SEQ,
+                self.state.next_seq.to_string().into_bytes(),
+            ));
+        }
+        self.ops
+    }
+}
+
+/// A resource already delivered (or waiting) at the version this job found: nothing to do,
+/// which for the caller is a success.
+fn skip(jobs: &mut BTreeMap<u64, JobSlot>, job: u64, resource_type: &str, id: &str) {
+    if let Some(slot) = jobs.get_mut(&job) {
+        slot.job.counts.skipped += 1;
+        slot.job.type_counts(resource_type).skipped += 1;
+        if let Some(results) = &mut slot.results {
+            results.push(ResourceResult {
+                success: true,
+                resource_type: resource_type.to_owned(),
+                resource_id: id.to_owned(),
+                error: None,
+            });
+        }
+    }
+}
+
+fn count(destination: &str, resource_type: &str, outcome: &'static str) {
+    metrics::counter!(
+        "fhirgate_sync_resources_total",
+        "destination" => destination.to_owned(),
+        "type" => resource_type.to_owned(),
+        "outcome" => outcome
+    )
+    .increment(1);
+}
+
+impl SyncEngine {
+    /// Applies `change` to the in-memory state and commits the records it produced, in one
+    /// durable write. Changes commit one at a time, in the order they were made, so job
+    /// snapshots never go backwards.
+    pub(super) async fn transact<R>(
+        &self,
+        change: impl FnOnce(&mut Tx<'_>) -> R,
+    ) -> Result<R, StoreError> {
+        let _one_at_a_time = self.commit.lock().await;
+        let (result, ops) = {
+            let mut state = self.lock();
+            let seq_before = state.next_seq;
+            let mut tx = Tx {
+                state: &mut state,
+                ops: Vec::new(),
+                touched: BTreeSet::new(),
+                lanes_touched: BTreeSet::new(),
+                seq_before,
+            };
+            let result = change(&mut tx);
+            (result, tx.finish())
+        };
+        if !ops.is_empty() {
+            self.store.kv_apply(ops).await?;
+        }
+        self.changes.send_modify(|n| *n = n.wrapping_add(1));
+        Ok(result)
+    }
+}
+
+/// Milliseconds since the Unix epoch.
+pub(super) fn now_millis() -> i64 {
+    crate::fhir::date::now_micros() / 1000
+}
+
+pub(super) fn now_rfc3339() -> String {
+    crate::fhir::date::format_instant(crate::fhir::date::now_micros())
+}
