@@ -487,9 +487,14 @@ impl RemoteFhir {
                 request = request.bearer_auth(token);
             }
             if let Some(body) = &body {
-                request = request
-                    .header(reqwest::header::CONTENT_TYPE, "application/fhir+json")
-                    .body(body.clone());
+                if !extra
+                    .iter()
+                    .any(|(name, _)| name == http::header::CONTENT_TYPE)
+                {
+                    request =
+                        request.header(reqwest::header::CONTENT_TYPE, "application/fhir+json");
+                }
+                request = request.body(body.clone());
             }
             let response = request.send().await.map_err(|e| {
                 metrics::counter!("fhirgate_remote_requests_total", "remote" => self.name.clone(), "status" => "error")
@@ -576,13 +581,37 @@ impl RemoteFhir {
         })
     }
 
-    async fn post_bundle(&self, batch: &[Outgoing]) -> Vec<Delivery> {
+    /// Writes `batch`: one Bundle, and when the destination refuses the Bundle as a whole (one
+    /// bad entry in a transaction, a Bundle too large), each half on its own, down to single
+    /// resources, so one refusal does not take the rest down with it.
+    fn send_batch<'a>(
+        &'a self,
+        batch: &'a [Outgoing],
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Vec<Delivery>> + Send + 'a>> {
+        Box::pin(async move {
+            if batch.len() == 1 {
+                return vec![self.put_one(&batch[0]).await];
+            }
+            let (results, refused) = self.post_bundle(batch).await;
+            if !refused {
+                return results;
+            }
+            let (first, second) = batch.split_at(batch.len() / 2);
+            let mut results = self.send_batch(first).await;
+            results.extend(self.send_batch(second).await);
+            results
+        })
+    }
+
+    /// One Bundle; also says whether the destination refused it as a whole in a way that
+    /// splitting it may get past.
+    async fn post_bundle(&self, batch: &[Outgoing]) -> (Vec<Delivery>, bool) {
         let mut failed: Vec<Option<Delivery>> = vec![None; batch.len()];
         let body = match self.bundle_body(batch, &mut failed) {
             Ok(body) => body,
             Err(e) => {
                 let reason = format!("cannot encode the Bundle: {e}");
-                return batch
+                let rejected = batch
                     .iter()
                     .map(|_| Delivery::Reject {
                         status: 0,
@@ -590,6 +619,7 @@ impl RemoteFhir {
                         outcome: None,
                     })
                     .collect();
+                return (rejected, false);
             }
         };
         let answer = match self
@@ -600,6 +630,13 @@ impl RemoteFhir {
             Err(e) => Err(e),
         };
         let sent = failed.iter().filter(|f| f.is_none()).count();
+        let refused = matches!(
+            &answer,
+            Err(RemoteError::Status {
+                status: 400 | 409 | 412 | 413 | 422,
+                ..
+            })
+        ) && sent > 1;
         let mut results = match answer {
             Ok(bundle) => bundle_results(&bundle, sent),
             Err(e) => {
@@ -609,7 +646,7 @@ impl RemoteFhir {
             }
         }
         .into_iter();
-        failed
+        let results = failed
             .into_iter()
             .map(|f| {
                 f.unwrap_or_else(|| {
@@ -620,7 +657,8 @@ impl RemoteFhir {
                     })
                 })
             })
-            .collect()
+            .collect();
+        (results, refused)
     }
 
     /// A batch (or transaction) Bundle of `PUT`s, written straight from the resources without
@@ -678,15 +716,63 @@ impl RemoteFhir {
         body: Option<Bytes>,
         extra: &[(http::HeaderName, http::HeaderValue)],
     ) -> Result<reqwest::Response, RemoteError> {
-        let mut url = self.url(path_and_query);
+        let (path, query) = path_and_query
+            .split_once('?')
+            .unwrap_or((path_and_query, ""));
+        check_relative_path(path)?;
+        let mut query = query.to_owned();
         if let (Some(SourceKind::Athena), Some(practice)) = (self.kind, &self.practice) {
-            if method == Method::GET && !url.contains("ah-practice=") && is_search(path_and_query) {
-                let sep = if url.contains('?') { '&' } else { '?' };
-                url.push(sep);
-                url.push_str(&format!("ah-practice=Organization/a-1.Practice-{practice}"));
+            // The practice is the gateway's to set: a caller's own is dropped, so nobody reads
+            // another practice with the gateway's credentials.
+            let mut pairs: Vec<(String, String)> = serde_urlencoded::from_str(&query)
+                .map_err(|e| RemoteError::Invalid(format!("the query is not form-encoded: {e}")))?;
+            pairs.retain(|(name, _)| name != "ah-practice");
+            if is_search(path) {
+                pairs.push((
+                    "ah-practice".into(),
+                    format!("Organization/a-1.Practice-{practice}"),
+                ));
             }
+            query = serde_urlencoded::to_string(&pairs)
+                .map_err(|e| RemoteError::Invalid(format!("encoding the query: {e}")))?;
         }
-        self.send(method, &url, body, extra).await
+        let mut url = self.url(path);
+        if !query.is_empty() {
+            url.push('?');
+            url.push_str(&query);
+        }
+        // Whatever the path did, the request must stay under the source's base.
+        let parsed = reqwest::Url::parse(&url)
+            .map_err(|e| RemoteError::Invalid(format!("not a URL: {e}")))?;
+        let base = reqwest::Url::parse(&format!("{}/", self.base))
+            .map_err(|e| RemoteError::Invalid(format!("the base is not a URL: {e}")))?;
+        let inside = parsed.origin() == base.origin()
+            && (parsed.path().starts_with(base.path())
+                || format!("{}/", parsed.path()) == base.path());
+        if !inside {
+            return Err(RemoteError::Invalid(
+                "the path leaves the source's FHIR base".into(),
+            ));
+        }
+        self.send(method, parsed.as_str(), body, extra).await
+    }
+}
+
+/// Refuses paths that could climb out of the FHIR base: `.` and `..` segments (also
+/// percent-encoded), encoded slashes and backslashes.
+pub fn check_relative_path(path: &str) -> Result<(), RemoteError> {
+    let lower = path.to_ascii_lowercase();
+    let sneaky = lower.contains("%2f") || lower.contains("%5c") || path.contains('\\');
+    let climbs = path.split('/').any(|segment| {
+        let decoded = segment.to_ascii_lowercase().replace("%2e", ".");
+        decoded == "." || decoded == ".."
+    });
+    if sneaky || climbs {
+        Err(RemoteError::Invalid(
+            "the path has dot segments or encoded slashes".into(),
+        ))
+    } else {
+        Ok(())
     }
 }
 
@@ -893,7 +979,7 @@ impl FhirSink for RemoteFhir {
 
     async fn upsert(&self, batch: Vec<Outgoing>) -> Vec<Delivery> {
         if self.batch_size > 1 && batch.len() > 1 {
-            return self.post_bundle(&batch).await;
+            return self.send_batch(&batch).await;
         }
         let mut out = Vec::with_capacity(batch.len());
         for item in &batch {
@@ -1072,6 +1158,30 @@ mod tests {
         assert!(check_name("athena-prod_2").is_ok());
         assert!(check_name("Patient").is_err());
         assert!(check_name("a/b").is_err());
+    }
+
+    #[test]
+    fn facade_paths_cannot_climb_out_of_the_base() {
+        for bad in [
+            "../admin",
+            "Patient/../../x",
+            "%2e%2e/%2E%2E/admin",
+            ".%2e/x",
+            "Patient%2f..%2fx",
+            "Patient/./1",
+            "a\\b",
+        ] {
+            assert!(check_relative_path(bad).is_err(), "{bad}");
+        }
+        for good in [
+            "Patient",
+            "Patient/1",
+            "Patient/1/_history/2",
+            "",
+            "Patient/a-1.E-2",
+        ] {
+            assert!(check_relative_path(good).is_ok(), "{good}");
+        }
     }
 
     #[test]

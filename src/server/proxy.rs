@@ -11,6 +11,8 @@ use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use futures_util::StreamExt;
 use http::{header, HeaderName, HeaderValue, Method, StatusCode};
 use serde_json::Value;
 
@@ -26,7 +28,8 @@ pub struct Proxies {
 }
 
 /// Request headers relayed to the source.
-const FORWARDED_REQUEST: [HeaderName; 5] = [
+const FORWARDED_REQUEST: [HeaderName; 6] = [
+    header::CONTENT_TYPE,
     header::IF_NONE_MATCH,
     header::IF_MATCH,
     header::IF_MODIFIED_SINCE,
@@ -83,6 +86,12 @@ async fn relay(
     request: Request,
 ) -> Result<Response, FhirError> {
     let method = request.method().clone();
+    if let Err(e) = crate::remote::check_relative_path(below) {
+        return Err(FhirError::bad_request(
+            "invalid",
+            format!("source {name}: {e}"),
+        ));
+    }
     if !is_read(&method, below) && !remote.allows_writes() {
         return Err(FhirError::new(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -145,18 +154,35 @@ async fn relay(
         .is_some_and(|t| t.contains("json"));
     let body = if is_json && !is_instance_read(below) {
         // Searches, histories and operations answer with Bundles whose links must stay on
-        // the gateway; they are read whole and rewritten.
-        let bytes = answer
-            .bytes()
-            .await
-            .map_err(|e| upstream_error(name, &RemoteError::Transport(e.to_string())))?;
-        match serde_json::from_slice::<Value>(&bytes) {
-            Ok(mut bundle) if is_bundle(&bundle) => {
-                rewrite_bundle(&mut bundle, &upstream_base, &gateway_base);
-                headers.remove(header::CONTENT_LENGTH);
-                Body::from(serde_json::to_vec(&bundle).unwrap_or_default())
+        // the gateway; they are read (up to the body limit) and rewritten. A larger answer
+        // streams through as it is.
+        let mut stream = answer.bytes_stream();
+        let mut head: Vec<Bytes> = Vec::new();
+        let mut size = 0usize;
+        let mut complete = true;
+        while let Some(chunk) = stream.next().await {
+            let chunk =
+                chunk.map_err(|e| upstream_error(name, &RemoteError::Transport(e.to_string())))?;
+            size += chunk.len();
+            head.push(chunk);
+            if size > proxies.max_body_bytes {
+                complete = false;
+                break;
             }
-            _ => Body::from(bytes),
+        }
+        if complete {
+            let bytes: Vec<u8> = head.concat();
+            match serde_json::from_slice::<Value>(&bytes) {
+                Ok(mut bundle) if is_bundle(&bundle) => {
+                    rewrite_bundle(&mut bundle, &upstream_base, &gateway_base);
+                    Body::from(serde_json::to_vec(&bundle).unwrap_or_default())
+                }
+                _ => Body::from(bytes),
+            }
+        } else {
+            let head =
+                futures_util::stream::iter(head.into_iter().map(Ok::<Bytes, reqwest::Error>));
+            Body::from_stream(head.chain(stream))
         }
     } else {
         Body::from_stream(answer.bytes_stream())

@@ -22,6 +22,39 @@ pub(super) struct Claimed {
     uncertain: bool,
 }
 
+/// Entries claimed by a delivery. If the delivery ends without settling them (a panic, a
+/// store that refused the results), they are released to be tried again instead of staying
+/// claimed for good.
+struct ClaimGuard<'a> {
+    engine: &'a SyncEngine,
+    destination: &'a str,
+    seqs: Vec<u64>,
+    armed: bool,
+}
+
+impl Drop for ClaimGuard<'_> {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let retry_at = now_millis().saturating_add(1_000);
+        let mut state = self.engine.lock();
+        if let Some(lane) = state.lanes.get_mut(self.destination) {
+            for seq in &self.seqs {
+                if let Some(queued) = lane.entries.get_mut(seq) {
+                    if queued.in_flight {
+                        queued.in_flight = false;
+                        queued.uncertain = true;
+                        queued.entry.not_before = queued.entry.not_before.max(retry_at);
+                        lane.busy.remove(&queued.key);
+                    }
+                }
+            }
+            lane.wake.notify_one();
+        }
+    }
+}
+
 enum Take {
     Batch(Vec<Claimed>),
     /// Nothing ready; something may be at this time (milliseconds since the epoch).
@@ -126,7 +159,9 @@ impl SyncEngine {
             if lowest.is_some_and(|lowest| queued.entry.tier > lowest) {
                 continue;
             }
-            if lane.busy.contains(&queued.key) {
+            // One delivery per resource at a time, oldest entry first.
+            let oldest = lane.keys.get(&queued.key).and_then(|seqs| seqs.first());
+            if lane.busy.contains(&queued.key) || oldest != Some(seq) {
                 continue;
             }
             lane.busy.insert(queued.key.clone());
@@ -149,6 +184,12 @@ impl SyncEngine {
     async fn deliver(&self, destination: &str, sink: &dyn FhirSink, batch: Vec<Claimed>) {
         let started = Instant::now();
         let size = batch.len();
+        let mut claims = ClaimGuard {
+            engine: self,
+            destination,
+            seqs: batch.iter().map(|c| c.seq).collect(),
+            armed: true,
+        };
         let mut settled: Vec<(u64, Settled)> = Vec::with_capacity(size);
         let ready = self.read_missing(batch, &mut settled).await;
 
@@ -244,11 +285,28 @@ impl SyncEngine {
             elapsed_ms = started.elapsed().as_millis() as u64,
             "batch delivered"
         );
-        if let Err(e) = self
+        // Anything without an answer (a source read that did not finish) goes round again.
+        let answered: std::collections::HashSet<u64> =
+            settled.iter().map(|(seq, _)| *seq).collect();
+        for seq in claims.seqs.iter().filter(|seq| !answered.contains(seq)) {
+            settled.push((
+                *seq,
+                Settled::Retry {
+                    reason: "the delivery attempt did not complete".into(),
+                    after: None,
+                    body: None,
+                    uncertain: true,
+                },
+            ));
+        }
+        match self
             .transact(|tx| tx.settle(self, destination, settled))
             .await
         {
-            tracing::error!(destination, error = %e, "delivery results could not be recorded; they are delivered again after a restart");
+            Ok(()) => claims.armed = false,
+            Err(e) => {
+                tracing::error!(destination, error = %e, "delivery results could not be recorded; they are delivered again after a restart")
+            }
         }
     }
 

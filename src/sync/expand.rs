@@ -218,21 +218,25 @@ impl Reader {
             Some(prefix) => format!("{}/{prefix}{}", c.resource_type, c.id),
             None => format!("{}/{}", c.resource_type, c.id),
         };
-        let keys: Vec<String> = candidates
+        let targets: Vec<String> = candidates.iter().map(target).collect();
+        let keys: Vec<String> = targets
             .iter()
-            .map(|c| format!("{}|{}", self.destination, target(c)))
+            .map(|t| format!("{}|{t}", self.destination))
             .collect();
-        let found = self.engine.store.kv_get(DELIVERED, keys).await?;
-        let mut delivered = HashMap::new();
-        for (candidate, value) in candidates.iter().zip(found) {
-            if let Some(record) = value.and_then(|v| serde_json::from_slice::<Delivered>(&v).ok()) {
-                delivered.insert(target(candidate), record);
-            }
-        }
         let job = self.job;
         let prefix = self.prefix.clone();
+        // What was delivered is read in the same commit turn as the queueing, so a delivery
+        // settling in between cannot be missed (and its version queued again).
         self.engine
-            .transact(move |tx| {
+            .transact_reading(Some((DELIVERED, keys)), move |tx, found| {
+                let mut delivered = HashMap::new();
+                for (target, value) in targets.into_iter().zip(found) {
+                    if let Some(record) =
+                        value.and_then(|v| serde_json::from_slice::<Delivered>(&v).ok())
+                    {
+                        delivered.insert(target, record);
+                    }
+                }
                 tx.enqueue(job, prefix.as_deref(), candidates, &delivered);
                 if without_id > 0 {
                     if let Some(slot) = tx.job(job) {
@@ -312,6 +316,12 @@ impl Reader {
             let mut newest = resume.newest.clone();
             let mut newest_at = newest.as_deref().and_then(instant);
             let mut next = resume.next.clone();
+            // An explicit `since` later than the watermark leaves a gap behind it: the
+            // watermark then stays where it is.
+            let may_move = match (since.and_then(instant), stored.as_deref().and_then(instant)) {
+                (Some(from), Some(mark)) => from <= mark,
+                _ => true,
+            };
             let mut params = vec![("_sort".to_owned(), "_lastUpdated".to_owned())];
             if let Some(since) = since.map(str::to_owned).or_else(|| stored.clone()) {
                 params.push(("_lastUpdated".to_owned(), format!("ge{since}")));
@@ -373,12 +383,13 @@ impl Reader {
                 };
                 // The watermark moves past this page only when every page so far came oldest
                 // first (or the step is complete), and never backwards.
-                let watermark = newest.clone().filter(|_| last_page || ordered).filter(|w| {
-                    match stored.as_deref().and_then(instant) {
+                let watermark = newest
+                    .clone()
+                    .filter(|_| may_move && (last_page || ordered))
+                    .filter(|w| match stored.as_deref().and_then(instant) {
                         Some(old) => instant(w).is_some_and(|new| new > old),
                         None => true,
-                    }
-                });
+                    });
                 let job = self.job;
                 let key = watermark_key.clone();
                 self.queue(page.resources, move |tx| {

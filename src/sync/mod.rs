@@ -162,8 +162,7 @@ impl SyncEngine {
             }
             let lane = state.lanes.entry(entry.destination.clone()).or_default();
             let key = entry.key();
-            // Entries are scanned oldest first, so the last one per resource is the newest.
-            lane.newest.insert(key.clone(), entry.seq);
+            lane.keys.entry(key.clone()).or_default().insert(entry.seq);
             lane.entries.insert(
                 entry.seq,
                 Queued {
@@ -343,93 +342,96 @@ impl SyncEngine {
         if *self.shutdown.borrow() {
             return Err(SyncError::ShuttingDown);
         }
-        let letter: DeadLetter = self
-            .store
-            .kv_get(DEAD, vec![seq_key(id)])
-            .await?
-            .into_iter()
-            .next()
-            .flatten()
-            .and_then(|bytes| serde_json::from_slice(&bytes).ok())
-            .ok_or_else(|| SyncError::NotFound(format!("no dead letter {id}")))?;
-        let expand_again = self
-            .transact(|tx| -> Result<bool, SyncError> {
-                let Some(slot) = tx.job(letter.job) else {
-                    return Err(SyncError::NotFound(format!(
-                        "the job {} of dead letter {id} is gone",
-                        letter.job
-                    )));
-                };
-                if letter.kind == DeadKind::Page && slot.job.state == JobState::Expanding {
-                    return Err(SyncError::Conflict(format!(
-                        "job {} is still reading its source; retry when it has finished",
-                        letter.job
-                    )));
-                }
-                slot.job.finished = None;
-                match letter.kind {
-                    DeadKind::Resource => {
-                        slot.job.counts.failed = slot.job.counts.failed.saturating_sub(1);
-                        if let Some(t) = letter.resource_type.as_deref() {
-                            let counts = slot.job.type_counts(t);
-                            counts.failed = counts.failed.saturating_sub(1);
-                        }
-                        slot.job.counts.queued = slot.job.counts.queued.saturating_sub(1);
-                        if slot.job.state.is_finished() {
-                            slot.job.state = JobState::Delivering;
-                        }
-                    }
-                    DeadKind::Page => {
-                        slot.job.counts.failed_pages =
-                            slot.job.counts.failed_pages.saturating_sub(1);
-                        slot.job.errors.clear();
-                        slot.job.state = JobState::Expanding;
-                        slot.job.cursor = letter.step.map(|step| model::Cursor {
-                            step,
-                            next: letter.url.clone(),
-                            newest: None,
-                            ordered: false,
-                            single: true,
-                        });
-                    }
-                }
-                tx.delete(DEAD, seq_key(id));
-                if letter.kind == DeadKind::Resource {
-                    let (Some(resource_type), Some(resource_id), Some(version)) = (
-                        letter.resource_type.clone(),
-                        letter.resource_id.clone(),
-                        letter.version.clone(),
-                    ) else {
-                        return Ok(false);
+        // The letter is read in the commit turn that removes it: two retries of one letter
+        // cannot both act.
+        let retried = self
+            .transact_reading(
+                Some((DEAD, vec![seq_key(id)])),
+                |tx, found| -> Result<(u64, bool), SyncError> {
+                    let letter: DeadLetter = found
+                        .into_iter()
+                        .next()
+                        .flatten()
+                        .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+                        .ok_or_else(|| SyncError::NotFound(format!("no dead letter {id}")))?;
+                    let Some(slot) = tx.job(letter.job) else {
+                        return Err(SyncError::NotFound(format!(
+                            "the job {} of dead letter {id} is gone",
+                            letter.job
+                        )));
                     };
-                    // Queued as new: counted again, delivered at the source's current version.
-                    let prefix = letter
-                        .target_id
-                        .as_deref()
-                        .and_then(|t| t.strip_suffix(resource_id.as_str()))
-                        .filter(|p| !p.is_empty())
-                        .map(str::to_owned);
-                    tx.enqueue(
-                        letter.job,
-                        prefix.as_deref(),
-                        vec![outbox::Candidate {
-                            resource_type,
-                            id: resource_id,
-                            version,
-                            body: None,
-                        }],
-                        &HashMap::new(),
-                    );
-                }
-                Ok(letter.kind == DeadKind::Page)
-            })
+                    if letter.kind == DeadKind::Page && slot.job.state == JobState::Expanding {
+                        return Err(SyncError::Conflict(format!(
+                            "job {} is still reading its source; retry when it has finished",
+                            letter.job
+                        )));
+                    }
+                    slot.job.finished = None;
+                    match letter.kind {
+                        DeadKind::Resource => {
+                            slot.job.counts.failed = slot.job.counts.failed.saturating_sub(1);
+                            if let Some(t) = letter.resource_type.as_deref() {
+                                let counts = slot.job.type_counts(t);
+                                counts.failed = counts.failed.saturating_sub(1);
+                            }
+                            slot.job.counts.queued = slot.job.counts.queued.saturating_sub(1);
+                            if slot.job.state.is_finished() {
+                                slot.job.state = JobState::Delivering;
+                            }
+                        }
+                        DeadKind::Page => {
+                            slot.job.counts.failed_pages =
+                                slot.job.counts.failed_pages.saturating_sub(1);
+                            slot.job.errors.clear();
+                            slot.job.state = JobState::Expanding;
+                            slot.job.cursor = letter.step.map(|step| model::Cursor {
+                                step,
+                                next: letter.url.clone(),
+                                newest: None,
+                                ordered: false,
+                                single: true,
+                            });
+                        }
+                    }
+                    tx.delete(DEAD, seq_key(id));
+                    if letter.kind == DeadKind::Resource {
+                        let (Some(resource_type), Some(resource_id), Some(version)) = (
+                            letter.resource_type.clone(),
+                            letter.resource_id.clone(),
+                            letter.version.clone(),
+                        ) else {
+                            return Ok((letter.job, false));
+                        };
+                        // Queued as new: counted again, delivered at the source's current version.
+                        let prefix = letter
+                            .target_id
+                            .as_deref()
+                            .and_then(|t| t.strip_suffix(resource_id.as_str()))
+                            .filter(|p| !p.is_empty())
+                            .map(str::to_owned);
+                        tx.enqueue(
+                            letter.job,
+                            prefix.as_deref(),
+                            vec![outbox::Candidate {
+                                resource_type,
+                                id: resource_id,
+                                version,
+                                body: None,
+                            }],
+                            &HashMap::new(),
+                        );
+                    }
+                    Ok((letter.job, letter.kind == DeadKind::Page))
+                },
+            )
             .await??;
+        let (job, expand_again) = retried;
         if expand_again {
-            self.spawn_expansion(letter.job);
+            self.spawn_expansion(job);
         }
-        tracing::info!(dead_letter = id, job = letter.job, "dead letter retried");
-        self.job(letter.job)
-            .ok_or_else(|| SyncError::NotFound(format!("job {}", letter.job)))
+        tracing::info!(dead_letter = id, job, "dead letter retried");
+        self.job(job)
+            .ok_or_else(|| SyncError::NotFound(format!("job {job}")))
     }
 
     /// Stops reading sources and taking new batches, and waits (up to `grace`) for deliveries
@@ -474,7 +476,16 @@ impl SyncEngine {
             .saturating_mul(1u64 << attempt.saturating_sub(1).min(32))
             .min(cap);
         let jitter = (uuid::Uuid::new_v4().as_u128() as u64) % (ceiling + 1);
-        Duration::from_millis(jitter).max(retry_after.unwrap_or_default())
+        Duration::from_millis(jitter).max(self.cap_wait(retry_after.unwrap_or_default()))
+    }
+
+    /// A destination's `Retry-After`, but never longer than ten minutes (or `backoff_max_ms`
+    /// when that is longer): a wrong or hostile header must not park a destination for days.
+    fn cap_wait(&self, wait: Duration) -> Duration {
+        const CEILING_MS: u64 = 600_000;
+        wait.min(Duration::from_millis(
+            self.config.backoff_max_ms.max(CEILING_MS),
+        ))
     }
 
     fn is_shutting_down(&self) -> bool {

@@ -6,6 +6,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
 use serde::Serialize;
 use serde_json::Value;
 use tokio::sync::Notify;
@@ -83,8 +84,9 @@ pub struct ResourceResult {
 pub(super) struct Lane {
     /// By sequence number: oldest first.
     pub entries: BTreeMap<u64, Queued>,
-    /// The newest entry per destination resource (`Type/id`).
-    pub newest: HashMap<String, u64>,
+    /// The entries per destination resource (`Type/id`), oldest first. Only the oldest of a
+    /// resource may go out, so versions arrive in the order they were queued.
+    pub keys: HashMap<String, BTreeSet<u64>>,
     /// Destination resources with a delivery in flight; their next entry waits.
     pub busy: HashSet<String>,
     /// No deliveries before this time (milliseconds since the epoch): the destination asked
@@ -201,19 +203,21 @@ impl Tx<'_> {
             let key = format!("{}/{}", candidate.resource_type, target_id);
             let State { lanes, jobs, .. } = &mut *self.state;
             let lane = lanes.entry(destination.clone()).or_default();
-            if let Some(&old) = lane.newest.get(&key) {
+            if let Some(&old) = lane.keys.get(&key).and_then(|seqs| seqs.last()) {
                 let Some(waiting) = lane.entries.get(&old) else {
                     continue;
                 };
                 if waiting.entry.version == candidate.version {
-                    if waiting.entry.job != job_id {
-                        skip(jobs, job_id, &candidate.resource_type, &candidate.id);
+                    if waiting.entry.job == job_id {
+                        continue;
                     }
-                    continue;
-                }
-                if !waiting.in_flight {
+                    // Another job's entry carries this version: queue behind it, and settle
+                    // with its outcome (see `settle`), so this job finishes only once the
+                    // version is really there.
+                } else if !waiting.in_flight {
                     // Superseded before it went out: the newer version replaces it.
                     if let Some(old_entry) = lane.entries.remove(&old).map(|q| q.entry) {
+                        forget(lane, &key, old);
                         if let Some(slot) = jobs.get_mut(&old_entry.job) {
                             slot.settle_tier(old_entry.tier);
                             slot.job.counts.skipped += 1;
@@ -252,7 +256,7 @@ impl Tx<'_> {
                 Err(_) => continue,
             }
             let lane = self.state.lanes.entry(destination.clone()).or_default();
-            lane.newest.insert(key.clone(), seq);
+            lane.keys.entry(key.clone()).or_default().insert(seq);
             if let Some(slot) = self.state.jobs.get_mut(&job_id) {
                 slot.add_tier(entry.tier);
                 slot.job.counts.queued += 1;
@@ -283,7 +287,7 @@ impl Tx<'_> {
             queued.in_flight = false;
             let key = queued.key.clone();
             lane.busy.remove(&key);
-            let superseded = lane.newest.get(&key) != Some(&seq);
+            let superseded = lane.keys.get(&key).and_then(|seqs| seqs.last()) != Some(&seq);
             match settled {
                 Settled::Done { version, verified } => {
                     let entry = self.remove(destination, seq);
@@ -293,7 +297,7 @@ impl Tx<'_> {
                         format!("{destination}|{key}"),
                         &Delivered {
                             source: entry.source.clone(),
-                            version,
+                            version: version.clone(),
                             job: entry.job,
                         },
                     );
@@ -304,6 +308,7 @@ impl Tx<'_> {
                         slot.job.type_counts(&entry.resource_type).done += 1;
                         slot.record(&entry, true, None);
                     }
+                    self.settle_followers(destination, &key, &version);
                 }
                 Settled::Gone => {
                     let Some(entry) = self.remove(destination, seq) else {
@@ -341,14 +346,16 @@ impl Tx<'_> {
                     }
                     let wait = engine.backoff(attempts, after);
                     queued.entry.attempts = attempts;
-                    queued.entry.not_before = now + wait.as_millis() as i64;
+                    queued.entry.not_before = now.saturating_add(millis(wait));
                     queued.entry.last_error = Some(reason);
                     queued.body = body;
                     queued.uncertain |= uncertain;
                     let entry = queued.entry.clone();
                     if let Some(after) = after {
+                        let pause = engine.cap_wait(after);
                         let lane = self.lane(destination);
-                        lane.paused_until = lane.paused_until.max(now + after.as_millis() as i64);
+                        lane.paused_until =
+                            lane.paused_until.max(now.saturating_add(millis(pause)));
                     }
                     self.put(ENTRIES, seq_key(seq), &entry);
                     count(destination, &entry.resource_type, "retried");
@@ -365,13 +372,40 @@ impl Tx<'_> {
         }
     }
 
+    /// Other entries for a resource just delivered at `version` (another job's, or one whose
+    /// source read found the newer version already) need not go out again.
+    fn settle_followers(&mut self, destination: &str, key: &str, version: &str) {
+        let lane = self.lane(destination);
+        let same: Vec<u64> = lane
+            .keys
+            .get(key)
+            .into_iter()
+            .flatten()
+            .copied()
+            .filter(|seq| {
+                lane.entries
+                    .get(seq)
+                    .is_some_and(|q| !q.in_flight && q.entry.version == version)
+            })
+            .collect();
+        for seq in same {
+            let Some(entry) = self.remove(destination, seq) else {
+                continue;
+            };
+            count(destination, &entry.resource_type, "skipped");
+            if let Some(slot) = self.job(entry.job) {
+                slot.job.counts.skipped += 1;
+                slot.job.type_counts(&entry.resource_type).skipped += 1;
+                slot.record(&entry, true, None);
+            }
+        }
+    }
+
     /// Takes an entry out of its lane (memory and store), settling its tier.
     fn remove(&mut self, destination: &str, seq: u64) -> Option<Entry> {
         let lane = self.lane(destination);
         let queued = lane.entries.remove(&seq)?;
-        if lane.newest.get(&queued.key) == Some(&seq) {
-            lane.newest.remove(&queued.key);
-        }
+        forget(lane, &queued.key, seq);
         let entry = queued.entry;
         self.delete(ENTRIES, seq_key(seq));
         if let Some(slot) = self.job(entry.job) {
@@ -530,6 +564,16 @@ impl Tx<'_> {
 
 /// A resource already delivered (or waiting) at the version this job found: nothing to do,
 /// which for the caller is a success.
+/// Drops `seq` from the entries of `key`.
+pub(super) fn forget(lane: &mut Lane, key: &str, seq: u64) {
+    if let Some(seqs) = lane.keys.get_mut(key) {
+        seqs.remove(&seq);
+        if seqs.is_empty() {
+            lane.keys.remove(key);
+        }
+    }
+}
+
 fn skip(jobs: &mut BTreeMap<u64, JobSlot>, job: u64, resource_type: &str, id: &str) {
     if let Some(slot) = jobs.get_mut(&job) {
         slot.job.counts.skipped += 1;
@@ -563,7 +607,21 @@ impl SyncEngine {
         &self,
         change: impl FnOnce(&mut Tx<'_>) -> R,
     ) -> Result<R, StoreError> {
+        self.transact_reading(None, |tx, _| change(tx)).await
+    }
+
+    /// Like [`SyncEngine::transact`], but first reads `keys` of a key-value space while
+    /// holding the commit turn, so nothing it read changes before `change` commits.
+    pub(super) async fn transact_reading<R>(
+        &self,
+        read: Option<(&'static str, Vec<String>)>,
+        change: impl FnOnce(&mut Tx<'_>, Vec<Option<Bytes>>) -> R,
+    ) -> Result<R, StoreError> {
         let _one_at_a_time = self.commit.lock().await;
+        let found = match read {
+            Some((space, keys)) => self.store.kv_get(space, keys).await?,
+            None => Vec::new(),
+        };
         let (result, ops) = {
             let mut state = self.lock();
             let seq_before = state.next_seq;
@@ -574,15 +632,43 @@ impl SyncEngine {
                 lanes_touched: BTreeSet::new(),
                 seq_before,
             };
-            let result = change(&mut tx);
+            let result = change(&mut tx, found);
             (result, tx.finish())
         };
         if !ops.is_empty() {
-            self.store.kv_apply(ops).await?;
+            self.commit_durably(ops).await?;
         }
         self.changes.send_modify(|n| *n = n.wrapping_add(1));
         Ok(result)
     }
+
+    /// Memory already holds the change, so the store must get it too: a failed commit is
+    /// retried, in order (the records are idempotent puts and deletes). Only a closed store,
+    /// or a store still failing at shutdown, ends the attempts; the next start then reloads
+    /// what was committed.
+    async fn commit_durably(&self, ops: Vec<KvOp>) -> Result<(), StoreError> {
+        let mut wait = Duration::from_millis(10);
+        let mut failures = 0u32;
+        loop {
+            match self.store.kv_apply(ops.clone()).await {
+                Ok(()) => return Ok(()),
+                Err(StoreError::Closed) => return Err(StoreError::Closed),
+                Err(e) => {
+                    failures += 1;
+                    tracing::error!(error = %e, failures, "sync state not committed; retrying");
+                    if self.is_shutting_down() && failures >= 3 {
+                        return Err(e);
+                    }
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(Duration::from_secs(1));
+                }
+            }
+        }
+    }
+}
+
+fn millis(duration: Duration) -> i64 {
+    i64::try_from(duration.as_millis()).unwrap_or(i64::MAX)
 }
 
 /// Milliseconds since the Unix epoch.

@@ -50,9 +50,17 @@ pub async fn start_binary(
         .env_remove("FHIRGATE_CONFIG")
         .env("FHIRGATE_SERVER__BIND", format!("127.0.0.1:{port}"))
         .env("FHIRGATE_STORE__DATA_DIR", data_dir)
-        .env("FHIRGATE_LOG__LEVEL", "warn")
+        .env(
+            "FHIRGATE_LOG__LEVEL",
+            std::env::var("TEST_SERVER_LOGS").unwrap_or_else(|_| "warn".into()),
+        )
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        // TEST_SERVER_LOGS=debug (a log filter) shows the server's log, for debugging a test.
+        .stderr(if std::env::var_os("TEST_SERVER_LOGS").is_some() {
+            Stdio::inherit()
+        } else {
+            Stdio::null()
+        })
         .spawn()
         .expect("start fhirgate");
     let base = format!("http://127.0.0.1:{port}");

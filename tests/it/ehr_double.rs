@@ -178,6 +178,9 @@ pub struct Faults {
     pub lost_answers: f64,
     /// Time every write request takes before it is handled.
     pub write_delay: Duration,
+    /// Once this many writes are applied, later write requests wait until the faults change
+    /// and are then answered 503 without being applied.
+    pub hold_after: Option<usize>,
     /// Ids (`id` or `Type/id`) whose writes are refused with 422; inside a batch only their
     /// entries fail, a transaction fails as a whole.
     pub rejected_ids: HashSet<String>,
@@ -195,6 +198,7 @@ impl Default for Faults {
             timeout_delay: Duration::from_secs(30),
             lost_answers: 0.0,
             write_delay: Duration::ZERO,
+            hold_after: None,
             rejected_ids: HashSet::new(),
             broken_next: None,
         }
@@ -241,6 +245,8 @@ pub struct RecordedRequest {
     pub headers: HeaderMap,
     pub body: Bytes,
     pub status: StatusCode,
+    /// When it arrived.
+    pub at: std::time::Instant,
 }
 
 impl RecordedRequest {

@@ -120,6 +120,7 @@ pub async fn start_job(app: &TestApp, body: Value) -> u64 {
 /// Polls the job until it has finished (bounded: a stuck job fails the test, a slow machine
 /// only waits).
 pub async fn finished_job(client: &reqwest::Client, base: &str, id: u64) -> Value {
+    let mut last = Value::Null;
     for _ in 0..6000 {
         let job: Value = client
             .get(format!("{base}/sync/jobs/{id}"))
@@ -133,9 +134,10 @@ pub async fn finished_job(client: &reqwest::Client, base: &str, id: u64) -> Valu
         if state == "completed" || state == "completed-with-errors" {
             return job;
         }
+        last = job;
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    panic!("job {id} did not finish");
+    panic!("job {id} did not finish: {last}");
 }
 
 pub async fn run_job(app: &TestApp, body: Value) -> Value {

@@ -190,9 +190,10 @@ async fn failing_and_timing_out_writes_lose_nothing_and_duplicate_nothing() {
 async fn throttling_is_honoured_and_everything_arrives_once() {
     let source_double = plain_source(1).await;
     let azure = azure_double(Faults::default()).await;
-    azure.throttle_next(3, 1);
+    azure.throttle_next(2, 1);
     let source = source_for(&source_double, SourceKind::Fhir, None);
-    let azure_config = azure_destination(&azure);
+    let mut azure_config = azure_destination(&azure);
+    azure_config.concurrency = 1;
     let app = TestApp::start_with(|config| {
         quick_retries(config);
         config.sources.insert("ehr".into(), source);
@@ -207,12 +208,27 @@ async fn throttling_is_honoured_and_everything_arrives_once() {
     .await;
     assert_eq!(job["state"], "completed", "{job}");
     assert!(job["counts"]["retried"].as_u64().expect("retried") > 0);
-    assert_eq!(azure.requests_with_status(429), 3);
+    assert_eq!(azure.requests_with_status(429), 2);
     assert_exactly_once(&source_double, &azure, &[]);
-    // After a 429 with Retry-After: 1, nothing was sent to the destination for a second.
-    let requests = azure.recorded_requests();
-    let last_429 = requests.iter().rposition(|r| r.status == 429).expect("429");
-    assert!(requests[last_429 + 1..].iter().all(|r| r.status != 429));
+    // After each 429 with `Retry-After: 1`, the next request came no sooner than a second
+    // later (a lower bound: a slow machine only makes the gap longer).
+    let requests: Vec<_> = azure
+        .recorded_requests()
+        .into_iter()
+        .filter(|r| !r.path.contains("oauth2"))
+        .collect();
+    let mut checked = 0;
+    for pair in requests.windows(2) {
+        if pair[0].status == 429 {
+            let gap = pair[1].at.duration_since(pair[0].at);
+            assert!(
+                gap >= Duration::from_millis(950),
+                "only {gap:?} after a 429"
+            );
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -531,11 +547,13 @@ async fn a_sync_killed_with_sigkill_resumes_and_delivers_each_version_once() {
             "valueQuantity": {"value": n, "unit": "mg"}
         }));
     }
+    // The destination takes 1,000 writes, then holds every further one: the kill lands in the
+    // middle of the sync, with deliveries in flight, whatever the machine's speed.
     let sink = FhirDouble::start(
         Flavor::Plain,
         Options {
             faults: Faults {
-                write_delay: Duration::from_millis(5),
+                hold_after: Some(1000),
                 ..Faults::default()
             },
             ..Options::default()
@@ -582,10 +600,98 @@ async fn a_sync_killed_with_sigkill_resumes_and_delivers_each_version_once() {
         (1000..5000).contains(&before),
         "killed in the middle: {before} written"
     );
+    // The destination takes writes again; the held ones of the dead process are refused.
+    sink.set_faults(Faults::default());
 
     let server = crate::durability::start_binary(&data, Some(&config), port).await;
     let job = finished_job(&client, &server.base, id).await;
     assert_eq!(job["state"], "completed", "{job}");
     assert_eq!(job["counts"]["done"], 5000, "{job}");
     assert_exactly_once(&source_double, &sink, &[]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overlapping_jobs_deliver_each_version_once_and_both_finish() {
+    let source_double = plain_source(2).await;
+    let sink = FhirDouble::start(
+        Flavor::Plain,
+        Options {
+            faults: Faults {
+                write_delay: Duration::from_millis(5),
+                ..Faults::default()
+            },
+            ..Options::default()
+        },
+    )
+    .await;
+    let source = source_for(&source_double, SourceKind::Fhir, None);
+    let mut plain = destination(DestinationKind::Fhir, Some(sink.fhir_base()));
+    plain.batch_size = Some(25);
+    let app = TestApp::start_with(|config| {
+        config.sources.insert("ehr".into(), source);
+        config.destinations.insert("store".into(), plain);
+    })
+    .await;
+    let all = source_double.resources();
+    let patient = all
+        .iter()
+        .find(|r| r["resourceType"] == "Patient")
+        .and_then(|r| r["id"].as_str())
+        .expect("patient")
+        .to_owned();
+    // A bulk run and two runs for one patient at once, all overlapping.
+    let bulk = start_job(
+        &app,
+        json!({"source": "ehr", "destination": "store", "types": types_of(&all)}),
+    )
+    .await;
+    let first = start_job(
+        &app,
+        json!({"source": "ehr", "destination": "store", "patient": patient}),
+    )
+    .await;
+    let second = start_job(
+        &app,
+        json!({"source": "ehr", "destination": "store", "patient": patient}),
+    )
+    .await;
+    for id in [bulk, first, second] {
+        let job = finished_job(&app.client, &app.base, id).await;
+        assert_eq!(job["state"], "completed", "{job}");
+        assert_eq!(job["counts"]["failed"], 0);
+    }
+    assert_exactly_once(&source_double, &sink, &[]);
+
+    // Two retries of one dead letter at once: one is taken, the other finds nothing.
+    let closed = format!("http://127.0.0.1:{}/fhir", crate::durability::free_port());
+    let app = TestApp::start_with(|config| {
+        quick_retries(config);
+        config.sync.max_attempts = 1;
+        config.sources.insert(
+            "ehr".into(),
+            source_for(&source_double, SourceKind::Fhir, None),
+        );
+        config.destinations.insert(
+            "nowhere".into(),
+            destination(DestinationKind::Fhir, Some(closed)),
+        );
+    })
+    .await;
+    let job = run_job(&app, json!({"source": "ehr", "destination": "nowhere", "resources": [format!("Patient/{patient}")]})).await;
+    assert_eq!(job["counts"]["failed"], 1, "{job}");
+    let letter = dead_letters(&app).await[0]["id"].as_u64().expect("id");
+    let retry = || {
+        app.client
+            .post(app.url(&format!("/sync/dead-letters/{letter}/retry")))
+            .send()
+    };
+    let (a, b) = tokio::join!(retry(), retry());
+    let mut statuses = [a.expect("a").status(), b.expect("b").status()];
+    statuses.sort();
+    assert_eq!(statuses, [StatusCode::ACCEPTED, StatusCode::NOT_FOUND]);
+    let job = finished_job(&app.client, &app.base, job["id"].as_u64().expect("id")).await;
+    assert_eq!(
+        job["counts"]["failed"], 1,
+        "the retry failed again, once: {job}"
+    );
 }

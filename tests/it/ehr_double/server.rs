@@ -27,6 +27,7 @@ pub(super) async fn handle(
         body,
         // Replaced by the answer's status below.
         status: StatusCode::OK,
+        at: std::time::Instant::now(),
     };
     // On its own task, so a request whose client gave up (a timeout fault) still finishes and
     // is recorded.

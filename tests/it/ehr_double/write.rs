@@ -32,6 +32,12 @@ impl Shared {
         if !delay.is_zero() {
             tokio::time::sleep(delay).await;
         }
+        if self.held() {
+            while self.held() {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            return Failure::new(503, "transient", "held, then refused").into_response();
+        }
         match fault {
             Some(WriteFault::Unavailable(retry_after)) => {
                 let mut response =
@@ -63,6 +69,15 @@ impl Shared {
             tokio::time::sleep(delay).await;
         }
         respond(answer)
+    }
+
+    /// Whether writes are being held (see [`Faults::hold_after`]).
+    fn held(&self) -> bool {
+        let state = self.state();
+        state
+            .faults
+            .hold_after
+            .is_some_and(|limit| state.writes.len() >= limit)
     }
 
     fn put(&self, resource_type: &str, target: Target<'_>, body: &Bytes) -> Answer {
