@@ -550,6 +550,7 @@ impl Config {
                 }
                 "sync__backoff_max_ms" => self.sync.backoff_max_ms = parse(&value).map_err(bad)?,
                 "sync__api_wait_secs" => self.sync.api_wait_secs = parse(&value).map_err(bad)?,
+                "sync__queue_limit" => self.sync.queue_limit = parse(&value).map_err(bad)?,
                 "sync__default_source" => self.sync.default_source = Some(value.clone()),
                 "sync__default_destination" => self.sync.default_destination = Some(value.clone()),
                 // The config file path itself is read by the CLI, not here.
@@ -692,6 +693,46 @@ mod tests {
         assert!(!config.cds.require_jwt);
         assert_eq!(config.cds.fhir_servers.len(), 2);
         assert_eq!(config.cds.fetch_timeout_secs, 3);
+
+        let mut config: Config = toml::from_str(
+            "[sources.openemr]\nkind = \"openemr\"\n[sources.openemr.auth]\nclient_id = \"c\"\n\
+             method = \"private_key_jwt\"\n[destinations.azure]\nkind = \"azure\"\n\
+             [destinations.azure.auth]\nclient_id = \"a\"\n",
+        )
+        .expect("file");
+        let vars = [
+            ("FHIRGATE_SYNC__MAX_ATTEMPTS", "5"),
+            ("FHIRGATE_SYNC__BACKOFF_BASE_MS", "100"),
+            ("FHIRGATE_SYNC__BACKOFF_MAX_MS", "1000"),
+            ("FHIRGATE_SYNC__QUEUE_LIMIT", "500"),
+            ("FHIRGATE_SYNC__API_WAIT_SECS", "5"),
+            ("FHIRGATE_SYNC__DEFAULT_SOURCE", "openemr"),
+            ("FHIRGATE_SYNC__DEFAULT_DESTINATION", "azure"),
+            ("FHIRGATE_SOURCES__OPENEMR__BASE_URL", "https://emr.example"),
+            ("FHIRGATE_SOURCES__OPENEMR__CLIENT_SECRET", "s"),
+            ("FHIRGATE_SOURCES__OPENEMR__PRACTICE_ID", "1"),
+            (
+                "FHIRGATE_DESTINATIONS__AZURE__BASE_URL",
+                "https://ws-fhir.fhir.azurehealthcareapis.com",
+            ),
+            ("FHIRGATE_DESTINATIONS__AZURE__TENANT_ID", "t"),
+            ("FHIRGATE_DESTINATIONS__AZURE__CLIENT_SECRET", "z"),
+        ];
+        config
+            .apply_env(vars.iter().map(|(k, v)| (k.to_string(), v.to_string())))
+            .expect("all known");
+        assert_eq!(config.sync.queue_limit, 500);
+        assert_eq!(config.sync.default_destination.as_deref(), Some("azure"));
+        let azure = &config.destinations["azure"];
+        assert_eq!(azure.tenant_id.as_deref(), Some("t"));
+        let secret = azure.auth.as_ref().and_then(|a| a.client_secret.as_ref());
+        assert_eq!(secret.map(|s| s.expose().as_str()), Some("z"));
+        // A name that is not configured is an unknown setting, not a silent no-op.
+        let err = config.apply_env([(
+            "FHIRGATE_SOURCES__ATHENA__BASE_URL".to_string(),
+            "https://x".to_string(),
+        )]);
+        assert!(err.is_err());
     }
 
     #[test]

@@ -295,6 +295,42 @@ pub struct RemoteFhir {
     allow_writes: bool,
 }
 
+/// The patient-compartment types OpenEMR's FHIR API (7.x) searches by patient.
+const OPENEMR_PATIENT_TYPES: &[&str] = &[
+    "AllergyIntolerance",
+    "CarePlan",
+    "CareTeam",
+    "Condition",
+    "Coverage",
+    "Device",
+    "DiagnosticReport",
+    "DocumentReference",
+    "Encounter",
+    "Goal",
+    "Immunization",
+    "MedicationRequest",
+    "Observation",
+    "Procedure",
+    "ServiceRequest",
+];
+
+/// The US Core 3.1.1 types searchable by patient, which athenahealth's FHIR R4 API serves.
+const US_CORE_PATIENT_TYPES: &[&str] = &[
+    "AllergyIntolerance",
+    "CarePlan",
+    "CareTeam",
+    "Condition",
+    "Device",
+    "DiagnosticReport",
+    "DocumentReference",
+    "Encounter",
+    "Goal",
+    "Immunization",
+    "MedicationRequest",
+    "Observation",
+    "Procedure",
+];
+
 /// Types a patient sync searches with `patient=` unless the source lists its own. Referenced
 /// resources outside the compartment (Practitioner, Organization, …) are read afterwards.
 pub const PATIENT_TYPES: &[&str] = &[
@@ -384,7 +420,12 @@ impl RemoteFhir {
             page_size: config.page_size.max(1),
             everything: config.everything,
             patient_types: if config.patient_types.is_empty() {
-                PATIENT_TYPES.iter().map(|t| (*t).to_owned()).collect()
+                let defaults = match config.kind {
+                    SourceKind::Openemr => OPENEMR_PATIENT_TYPES,
+                    SourceKind::Athena => US_CORE_PATIENT_TYPES,
+                    _ => PATIENT_TYPES,
+                };
+                defaults.iter().map(|t| (*t).to_owned()).collect()
             } else {
                 config.patient_types.clone()
             },
@@ -551,7 +592,7 @@ impl RemoteFhir {
             Ok(url) => url,
             Err(delivery) => return delivery,
         };
-        let body = match serde_json::to_vec(&item.resource) {
+        let body = match serde_json::to_vec(&*self.write_body(item, &url)) {
             Ok(body) => Bytes::from(body),
             Err(e) => {
                 return Delivery::Reject {
@@ -579,6 +620,20 @@ impl RemoteFhir {
             (UpsertMode::Identifier, Some(query)) => format!("{}?{query}", item.resource_type),
             _ => format!("{}/{}", item.resource_type, item.id),
         })
+    }
+
+    /// The body of a write to `url`. A conditional update by identifier goes without `id`:
+    /// the destination keeps its own ids (FHIR refuses a body id that differs from the match).
+    fn write_body<'a>(&self, item: &'a Outgoing, url: &str) -> std::borrow::Cow<'a, Value> {
+        if url.contains('?') {
+            let mut copy = item.resource.clone();
+            if let Some(object) = copy.as_object_mut() {
+                object.remove("id");
+            }
+            std::borrow::Cow::Owned(copy)
+        } else {
+            std::borrow::Cow::Borrowed(&item.resource)
+        }
     }
 
     /// Writes `batch`: one Bundle, and when the destination refuses the Bundle as a whole (one
@@ -698,7 +753,7 @@ impl RemoteFhir {
                 &format!("{}/{}/{}", self.base, item.resource_type, item.id),
             )?;
             out.extend_from_slice(br#","resource":"#);
-            serde_json::to_writer(&mut out, &item.resource)?;
+            serde_json::to_writer(&mut out, &*self.write_body(item, &url))?;
             out.extend_from_slice(br#","request":{"method":"PUT","url":"#);
             serde_json::to_writer(&mut out, &url)?;
             out.extend_from_slice(b"}}");

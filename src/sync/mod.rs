@@ -511,3 +511,199 @@ async fn scan_all(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use bytes::Bytes;
+    use serde_json::json;
+
+    use super::*;
+    use crate::config::{Config, DestinationKind, UpsertMode};
+    use crate::fhir::{SchemaValidator, SearchQuery, SearchRegistry};
+    use crate::store::{
+        Action, EmbeddedStore, KvOp, Mutation, Page, ResourceVersion, SearchPage, WriteResult,
+    };
+
+    /// The embedded store, with key-value commits that fail while `failures` is above zero.
+    struct FlakyStore {
+        inner: EmbeddedStore,
+        failures: AtomicUsize,
+    }
+
+    #[async_trait::async_trait]
+    impl Store for FlakyStore {
+        async fn read(&self, t: &str, id: &str) -> Result<Option<ResourceVersion>, StoreError> {
+            self.inner.read(t, id).await
+        }
+        async fn vread(
+            &self,
+            t: &str,
+            id: &str,
+            v: u64,
+        ) -> Result<Option<ResourceVersion>, StoreError> {
+            self.inner.vread(t, id, v).await
+        }
+        async fn history(
+            &self,
+            t: &str,
+            id: Option<&str>,
+            since: Option<i64>,
+            page: Page,
+        ) -> Result<SearchPage, StoreError> {
+            self.inner.history(t, id, since, page).await
+        }
+        async fn search(
+            &self,
+            t: &str,
+            query: &SearchQuery,
+            page: Page,
+        ) -> Result<SearchPage, StoreError> {
+            self.inner.search(t, query, page).await
+        }
+        async fn write(
+            &self,
+            mutations: Vec<Mutation>,
+            atomic: bool,
+        ) -> Result<WriteResult, StoreError> {
+            self.inner.write(mutations, atomic).await
+        }
+        async fn append(&self, stream: &str, payload: Vec<u8>) -> Result<u64, StoreError> {
+            self.inner.append(stream, payload).await
+        }
+        async fn records(
+            &self,
+            stream: &str,
+            after: u64,
+            limit: usize,
+        ) -> Result<Vec<(u64, Bytes)>, StoreError> {
+            self.inner.records(stream, after, limit).await
+        }
+        async fn kv_apply(&self, ops: Vec<KvOp>) -> Result<(), StoreError> {
+            let failing = self
+                .failures
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok();
+            if failing {
+                return Err(StoreError::Backend("the disk hiccuped".into()));
+            }
+            self.inner.kv_apply(ops).await
+        }
+        async fn kv_get(
+            &self,
+            space: &str,
+            keys: Vec<String>,
+        ) -> Result<Vec<Option<Bytes>>, StoreError> {
+            self.inner.kv_get(space, keys).await
+        }
+        async fn kv_scan(
+            &self,
+            space: &str,
+            after: Option<String>,
+            limit: usize,
+        ) -> Result<Vec<(String, Bytes)>, StoreError> {
+            self.inner.kv_scan(space, after, limit).await
+        }
+        fn is_ready(&self) -> bool {
+            self.inner.is_ready()
+        }
+        async fn close(&self) {
+            self.inner.close().await
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn failed_commits_are_retried_and_nothing_is_lost() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let schema = Arc::new(SchemaValidator::bundled().expect("schema"));
+        let registry = Arc::new(SearchRegistry::new(&schema));
+        let inner = EmbeddedStore::open(dir.path(), registry.clone(), Duration::from_secs(30))
+            .expect("store");
+        let store = Arc::new(FlakyStore {
+            inner,
+            failures: AtomicUsize::new(0),
+        });
+        let patients: Vec<Mutation> = (0..30)
+            .map(|n| Mutation {
+                resource_type: "Patient".into(),
+                action: Action::Update {
+                    id: format!("p{n}"),
+                    resource: json!({"resourceType": "Patient", "id": format!("p{n}"), "gender": "other"}),
+                    if_match: None,
+                },
+                full_url: None,
+            })
+            .collect();
+        store.write(patients, true).await.expect("seed");
+
+        let mut config = Config::default();
+        config.destinations.insert(
+            "copy".into(),
+            DestinationConfig {
+                kind: DestinationKind::Embedded,
+                base_url: None,
+                tenant_id: None,
+                auth: None,
+                batch_size: None,
+                transaction: false,
+                id_strategy: IdStrategy::Prefix,
+                id_prefix: Some("copy-".into()),
+                upsert: UpsertMode::Id,
+                concurrency: 2,
+                timeout_secs: 30,
+            },
+        );
+        let shared: Arc<dyn Store> = store.clone();
+        let remotes = Remotes::build(&config, shared.clone(), schema, registry).expect("remotes");
+        let engine = SyncEngine::start(shared, &remotes, config.sync.clone())
+            .await
+            .expect("engine");
+        store.failures.store(4, Ordering::SeqCst);
+        let job = engine
+            .submit(JobRequest {
+                source: "local".into(),
+                destination: "copy".into(),
+                scope: Scope::Types {
+                    types: vec!["Patient".into()],
+                    since: None,
+                },
+                track_results: false,
+            })
+            .await
+            .expect("submit");
+        store.failures.store(3, Ordering::SeqCst);
+        let job = engine
+            .wait(job.id, Duration::from_secs(120))
+            .await
+            .expect("job");
+        assert_eq!(job.state, JobState::Completed, "{job:?}");
+        assert_eq!(job.counts.done, 30);
+        assert_eq!(
+            store.failures.load(Ordering::SeqCst),
+            0,
+            "the failures happened"
+        );
+        for n in 0..30 {
+            let copy = store
+                .read("Patient", &format!("copy-p{n}"))
+                .await
+                .expect("read");
+            assert!(copy.is_some_and(|v| !v.is_deleted()), "copy-p{n}");
+        }
+        // What the store holds agrees with memory: nothing left in the outbox, the job done.
+        assert!(scan_all(&*store, ENTRIES).await.expect("scan").is_empty());
+        engine.shutdown(Duration::from_secs(5)).await;
+        let stored: Job = serde_json::from_slice(
+            &store
+                .kv_get(JOBS, vec![seq_key(job.id)])
+                .await
+                .expect("get")[0]
+                .clone()
+                .expect("job record"),
+        )
+        .expect("job JSON");
+        assert_eq!(stored.state, JobState::Completed);
+        assert_eq!(stored.counts, job.counts);
+    }
+}

@@ -743,10 +743,55 @@ async fn the_facade_reads_a_source_through_the_gateway() {
     crate::helpers::assert_outcome(&outcome, "not-supported", None);
     let (status, _) = json(app.put("/Patient/x", &crate::helpers::patient("x")).await).await;
     assert_eq!(status, StatusCode::CREATED);
+    // Paths that climb out of the FHIR base are refused before anything is sent: encoded
+    // slashes, and dot segments (sent raw: an HTTP client would resolve them itself).
+    let sent_before = athena.requests();
+    let (status, outcome) = json(app.get("/athena/Patient%2F..%2F..%2Foauth2").await).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{outcome}");
+    crate::helpers::assert_outcome(&outcome, "invalid", None);
+    for raw in [
+        "/fhir/athena/../../oauth2/v1/token",
+        "/fhir/athena/%2e%2e/%2E%2E/oauth2",
+    ] {
+        let answer = raw_get(&app.base, raw).await;
+        assert!(answer.starts_with("HTTP/1.1 400"), "{raw}: {answer}");
+    }
+    assert_eq!(athena.requests(), sent_before, "nothing reached the source");
+    // The practice is always the configured one, whatever the caller sends.
+    let (status, _) = json(
+        app.get(&format!(
+            "/athena/Patient?_id={patient_id}&ah-practice=Organization/a-1.Practice-1"
+        ))
+        .await,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    let last = athena.last_request().expect("request");
+    let practices: Vec<&str> = last
+        .query
+        .iter()
+        .filter(|(name, _)| name == "ah-practice")
+        .map(|(_, value)| value.as_str())
+        .collect();
+    assert_eq!(practices, ["Organization/a-1.Practice-195900"]);
     // An unknown id at the source answers the source's 404 OperationOutcome.
     let (status, outcome) = json(app.get("/athena/Patient/nope").await).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
     assert_eq!(outcome["resourceType"], "OperationOutcome");
+}
+
+/// A GET with the path exactly as given (no client-side normalization); the answer's head.
+async fn raw_get(base: &str, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let address = base.trim_start_matches("http://");
+    let mut stream = tokio::net::TcpStream::connect(address)
+        .await
+        .expect("connect");
+    let request = format!("GET {path} HTTP/1.1\r\nhost: {address}\r\nconnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.expect("send");
+    let mut answer = Vec::new();
+    stream.read_to_end(&mut answer).await.expect("read");
+    String::from_utf8_lossy(&answer).into_owned()
 }
 
 #[tokio::test]
@@ -847,4 +892,173 @@ async fn the_sync_api_refuses_bad_requests_with_operation_outcomes() {
     )
     .await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+}
+
+/// Runs the `fhirgate` binary with `args` and a data folder; returns the exit code and stdout.
+async fn run_cli(args: Vec<String>, data_dir: PathBuf) -> (i32, String) {
+    tokio::task::spawn_blocking(move || {
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_fhirgate"))
+            .args(&args)
+            .env_remove("FHIRGATE_CONFIG")
+            .env("FHIRGATE_STORE__DATA_DIR", &data_dir)
+            .output()
+            .expect("run fhirgate");
+        (
+            output.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+        )
+    })
+    .await
+    .expect("cli")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sync_command_prints_a_summary_and_fails_on_dead_letters() {
+    let ehr = FhirDouble::start(
+        Flavor::Plain,
+        Options {
+            everything: true,
+            ..Options::default()
+        },
+    )
+    .await;
+    ehr.load_synthea(&synthea_files()[0]);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = dir.path().join("fhirgate.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[sources.ehr]\nkind = \"fhir\"\nbase_url = \"{}\"\neverything = true\n",
+            ehr.fhir_base()
+        ),
+    )
+    .expect("config");
+    let args = |extra: &[&str]| -> Vec<String> {
+        let mut args = vec![
+            "sync".to_owned(),
+            "--config".into(),
+            config.display().to_string(),
+        ];
+        args.extend(extra.iter().map(|a| (*a).to_owned()));
+        args
+    };
+    let data = dir.path().join("data");
+    let (code, out) = run_cli(
+        args(&[
+            "--source",
+            "ehr",
+            "--destination",
+            "local",
+            "--types",
+            "Patient,Encounter",
+        ]),
+        data.clone(),
+    )
+    .await;
+    assert_eq!(code, 0, "{out}");
+    let encounters = ehr
+        .resources()
+        .iter()
+        .filter(|r| r["resourceType"] == "Encounter")
+        .count();
+    assert!(out.contains(": completed"), "{out}");
+    let row = out
+        .lines()
+        .find(|l| l.starts_with("Encounter"))
+        .expect("an Encounter row");
+    assert_eq!(
+        row.split_whitespace().collect::<Vec<_>>(),
+        ["Encounter", &encounters.to_string(), "0", "0"]
+    );
+
+    // A patient sync through $everything; then a resource the store refuses: exit code 1 and
+    // the dead letter in the summary.
+    let patient = ehr
+        .resources()
+        .into_iter()
+        .find(|r| r["resourceType"] == "Patient")
+        .expect("patient");
+    let patient_id = patient["id"].as_str().expect("id").to_owned();
+    let (code, out) = run_cli(
+        args(&[
+            "--source",
+            "ehr",
+            "--destination",
+            "local",
+            "--patient",
+            &patient_id,
+        ]),
+        data.clone(),
+    )
+    .await;
+    assert_eq!(code, 0, "{out}");
+    assert!(ehr
+        .recorded_requests()
+        .iter()
+        .any(|r| r.path.ends_with("/$everything")));
+    let mut bad = crate::helpers::patient("bad");
+    bad["gender"] = json!("robot");
+    ehr.put_resource(bad);
+    let (code, out) = run_cli(
+        args(&[
+            "--source",
+            "ehr",
+            "--destination",
+            "local",
+            "--resources",
+            "Patient/bad",
+        ]),
+        data,
+    )
+    .await;
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("dead letter") && out.contains("Patient/bad"),
+        "{out}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_destination_can_upsert_by_identifier() {
+    let ehr = FhirDouble::start(Flavor::Plain, Options::default()).await;
+    for n in 0..3 {
+        ehr.put_resource(crate::helpers::patient(&format!("p{n}")));
+    }
+    let sink = FhirDouble::start(Flavor::Plain, Options::default()).await;
+    // The destination already has p0 under its own id, found by identifier.
+    let mut existing = crate::helpers::patient("their-0");
+    existing["identifier"] = json!([{"system": "urn:test:mrn", "value": "mrn-p0"}]);
+    sink.put_resource(existing);
+    let source = source_for(&ehr, SourceKind::Fhir, None);
+    let mut plain = destination(DestinationKind::Fhir, Some(sink.fhir_base()));
+    plain.upsert = UpsertMode::Identifier;
+    plain.batch_size = Some(1);
+    let app = TestApp::start_with(|config| {
+        config.sources.insert("ehr".into(), source);
+        config.destinations.insert("store".into(), plain);
+    })
+    .await;
+    let job = run_job(
+        &app,
+        json!({"source": "ehr", "destination": "store", "types": "Patient"}),
+    )
+    .await;
+    assert_eq!(job["state"], "completed", "{job}");
+    let puts: Vec<_> = sink
+        .recorded_requests()
+        .into_iter()
+        .filter(|r| r.method == reqwest::Method::PUT)
+        .collect();
+    assert_eq!(puts.len(), 3);
+    assert!(puts.iter().all(|r| r.path == "/Patient"
+        && r.query_value("identifier")
+            .is_some_and(|v| v.starts_with("urn:test:mrn|mrn-p"))));
+    // p0 updated the destination's own resource; p1 and p2 were created.
+    let ids: BTreeSet<String> = sink
+        .resources()
+        .iter()
+        .map(|r| r["id"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    assert_eq!(ids.len(), 3, "{ids:?}");
+    assert!(ids.contains("their-0"));
 }
