@@ -21,9 +21,7 @@ use axum::extract::{Path as UrlPath, Query, State};
 use axum::routing::get;
 use axum::Router;
 use bytes::Bytes;
-use fhirgate::config::{
-    Config, DestinationConfig, DestinationKind, IdStrategy, SourceConfig, SourceKind, UpsertMode,
-};
+use fhirgate::config::{Config, DestinationConfig, DestinationKind, SourceConfig, SourceKind};
 use serde_json::{json, Value};
 
 const PAGE: usize = 500;
@@ -205,17 +203,9 @@ async fn sync_once(
             config.destinations.insert(
                 "remote".into(),
                 DestinationConfig {
-                    kind: DestinationKind::Fhir,
-                    base_url: Some(base.to_owned()),
-                    tenant_id: None,
-                    auth: None,
                     batch_size: Some(250),
-                    transaction: false,
-                    id_strategy: IdStrategy::Preserve,
-                    id_prefix: None,
-                    upsert: UpsertMode::Id,
-                    concurrency: 4,
                     timeout_secs: 60,
+                    ..DestinationConfig::new(DestinationKind::Fhir, Some(base.to_owned()))
                 },
             );
             "remote"

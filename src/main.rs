@@ -33,28 +33,8 @@ enum Command {
         /// TOML configuration file; `FHIRGATE_SECTION__KEY` variables override it.
         #[arg(long, env = "FHIRGATE_CONFIG")]
         config: Option<PathBuf>,
-        /// Source name (`local` is the embedded store); default `sync.default_source`.
-        #[arg(long)]
-        source: Option<String>,
-        /// Destination name (`local` is the embedded store); default `sync.default_destination`.
-        #[arg(long)]
-        destination: Option<String>,
-        /// One patient and everything for that patient.
-        #[arg(long, conflicts_with = "resources")]
-        patient: Option<String>,
-        /// Resource types, comma-separated (with --patient: only these types).
-        #[arg(long)]
-        types: Option<String>,
-        /// Only resources updated since this date or instant (types syncs); the last run's
-        /// watermark otherwise.
-        #[arg(long)]
-        since: Option<String>,
-        /// Listed resources, comma-separated `Type/id`.
-        #[arg(long)]
-        resources: Option<String>,
-        /// Run the job on this running gateway (`http://host:8080`) instead of in this process.
-        #[arg(long)]
-        server: Option<String>,
+        #[command(flatten)]
+        options: fhirgate::sync::cli::SyncOptions,
     },
     /// Check payer policies or explain a determination.
     #[command(subcommand)]
@@ -92,52 +72,34 @@ enum PolicyCommand {
     },
 }
 
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Serve { config } => {
             let config = fhirgate::config::Config::load(config.as_deref())?;
             fhirgate::init_logging(&config.log);
-            let runtime = tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-                .context("starting the async runtime")?;
-            runtime.block_on(async move {
+            runtime()?.block_on(async move {
                 let listener = tokio::net::TcpListener::bind(config.server.bind)
                     .await
                     .with_context(|| format!("binding {}", config.server.bind))?;
                 fhirgate::run(listener, config, fhirgate::http::shutdown_signal()).await
             })
         }
-        Command::Sync {
-            config,
-            source,
-            destination,
-            patient,
-            types,
-            since,
-            resources,
-            server,
-        } => {
+        Command::Sync { config, options } => {
             let mut config = fhirgate::config::Config::load(config.as_deref())?;
             if std::env::var_os("FHIRGATE_LOG__LEVEL").is_none() {
                 // The progress bar owns the terminal; only problems are logged.
                 config.log.level = "warn".into();
             }
             fhirgate::init_logging(&config.log);
-            let runtime = tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-                .context("starting the async runtime")?;
-            let options = fhirgate::sync::cli::SyncOptions {
-                source,
-                destination,
-                patient,
-                types,
-                since,
-                resources,
-                server,
-            };
+            let runtime = runtime()?;
             let code = runtime.block_on(fhirgate::sync::cli::run(config, options))?;
             drop(runtime);
             std::process::exit(code);

@@ -196,6 +196,25 @@ pub struct DestinationConfig {
     pub timeout_secs: u64,
 }
 
+impl DestinationConfig {
+    /// A destination of `kind` at `base_url`, every other setting at its default.
+    pub fn new(kind: DestinationKind, base_url: Option<String>) -> Self {
+        Self {
+            kind,
+            base_url,
+            tenant_id: None,
+            auth: None,
+            batch_size: None,
+            transaction: false,
+            id_strategy: IdStrategy::default(),
+            id_prefix: None,
+            upsert: UpsertMode::default(),
+            concurrency: default_concurrency(),
+            timeout_secs: default_remote_timeout(),
+        }
+    }
+}
+
 /// How a client authenticates at a token endpoint.
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "snake_case")]

@@ -1107,19 +1107,7 @@ impl Remotes {
         );
         remotes.destinations.insert(
             LOCAL.into(),
-            DestinationConfig {
-                kind: DestinationKind::Embedded,
-                base_url: None,
-                tenant_id: None,
-                auth: None,
-                batch_size: None,
-                transaction: false,
-                id_strategy: Default::default(),
-                id_prefix: None,
-                upsert: UpsertMode::Id,
-                concurrency: 2,
-                timeout_secs: 30,
-            },
+            DestinationConfig::new(DestinationKind::Embedded, None),
         );
         for (name, source) in &config.sources {
             check_name(name)?;

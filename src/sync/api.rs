@@ -427,18 +427,25 @@ fn still_running(api: &SyncApi, job: &Job) -> Response {
     )
 }
 
-/// Answers a one-resource connector call (`sync-patient`, `sync-observation` by id).
-fn single_answer(api: &SyncApi, job: &Job, resource_type: &str, id: &str) -> Response {
-    let reference = format!("{resource_type}/{id}");
-    if job.missing.iter().any(|m| m == &reference) {
-        return json_answer(
+/// The connector's 404 when the job did not find `reference` at the source.
+fn missing_answer(job: &Job, reference: &str) -> Option<Response> {
+    job.missing.iter().any(|m| m == reference).then(|| {
+        json_answer(
             StatusCode::NOT_FOUND,
             &json!({
                 "error": format!("Failed to sync {reference}"),
                 "details": format!("{reference} was not found at the source"),
                 "jobId": job.id,
             }),
-        );
+        )
+    })
+}
+
+/// Answers a one-resource connector call (`sync-patient`, `sync-observation` by id).
+fn single_answer(api: &SyncApi, job: &Job, resource_type: &str, id: &str) -> Response {
+    let reference = format!("{resource_type}/{id}");
+    if let Some(answer) = missing_answer(job, &reference) {
+        return answer;
     }
     let results = api.engine.take_results(job.id).unwrap_or_default();
     let failure = results
@@ -469,16 +476,8 @@ fn single_answer(api: &SyncApi, job: &Job, resource_type: &str, id: &str) -> Res
 
 /// Answers a many-resource connector call with the connector's summary.
 fn summary_answer(api: &SyncApi, job: &Job, patient: &str) -> Response {
-    let reference = format!("Patient/{patient}");
-    if job.missing.iter().any(|m| m == &reference) {
-        return json_answer(
-            StatusCode::NOT_FOUND,
-            &json!({
-                "error": format!("Failed to sync {reference}"),
-                "details": format!("{reference} was not found at the source"),
-                "jobId": job.id,
-            }),
-        );
+    if let Some(answer) = missing_answer(job, &format!("Patient/{patient}")) {
+        return answer;
     }
     let results = api.engine.take_results(job.id).unwrap_or_default();
     let succeeded = results.iter().filter(|r| r.success).count();
@@ -495,31 +494,49 @@ fn summary_answer(api: &SyncApi, job: &Job, patient: &str) -> Response {
     )
 }
 
+/// How a connector endpoint answers once its job has finished.
+enum Answer {
+    /// One resource: `{message, result}`.
+    Single(&'static str, String),
+    /// A patient's resources: `{message, results, summary}`.
+    Summary(String),
+}
+
+/// Runs a connector job and answers in the connector's shape (202 if it is still running).
+async fn connector_job(api: &SyncApi, scope: Scope, answer: Answer) -> Response {
+    match run_connector_job(api, scope).await {
+        Ok((job, true)) => match answer {
+            Answer::Single(resource_type, id) => single_answer(api, &job, resource_type, &id),
+            Answer::Summary(patient) => summary_answer(api, &job, &patient),
+        },
+        Ok((job, false)) => still_running(api, &job),
+        Err(response) => response,
+    }
+}
+
+/// The request body's `patientId`, or why the request is bad.
+fn patient_id(request: &ConnectorRequest, missing: &str) -> Result<String, String> {
+    id_text(request.patient_id.clone())
+        .filter(|id| crate::fhir::is_valid_id(id))
+        .ok_or_else(|| missing.to_owned())
+}
+
 /// `POST /api/sync-patient` `{"patientId": "1"}`: the patient resource.
 async fn sync_patient(
     State(api): State<Arc<SyncApi>>,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let request: ConnectorRequest = match parse_body(body) {
-        Ok(r) => r,
+    let patient = match parse_body::<ConnectorRequest>(body)
+        .and_then(|r| patient_id(&r, "Missing required parameter: patientId"))
+    {
+        Ok(patient) => patient,
         Err(e) => return connector_error(StatusCode::BAD_REQUEST, e),
-    };
-    let Some(patient) = id_text(request.patient_id).filter(|id| crate::fhir::is_valid_id(id))
-    else {
-        return connector_error(
-            StatusCode::BAD_REQUEST,
-            "Missing required parameter: patientId",
-        );
     };
     let scope = Scope::Patient {
         id: patient.clone(),
         types: Some(vec!["Patient".into()]),
     };
-    match run_connector_job(&api, scope).await {
-        Ok((job, true)) => single_answer(&api, &job, "Patient", &patient),
-        Ok((job, false)) => still_running(&api, &job),
-        Err(response) => response,
-    }
+    connector_job(&api, scope, Answer::Single("Patient", patient)).await
 }
 
 /// `POST /api/sync-observation`: `{"observationId": "5"}` syncs that observation (as the
@@ -529,10 +546,10 @@ async fn sync_observation(
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     let request: ConnectorRequest = match parse_body(body) {
-        Ok(r) => r,
+        Ok(request) => request,
         Err(e) => return connector_error(StatusCode::BAD_REQUEST, e),
     };
-    if let Some(observation) = id_text(request.observation_id) {
+    if let Some(observation) = id_text(request.observation_id.clone()) {
         if !crate::fhir::is_valid_id(&observation) {
             return connector_error(
                 StatusCode::BAD_REQUEST,
@@ -542,28 +559,20 @@ async fn sync_observation(
         let scope = Scope::Resources {
             references: vec![format!("Observation/{observation}")],
         };
-        return match run_connector_job(&api, scope).await {
-            Ok((job, true)) => single_answer(&api, &job, "Observation", &observation),
-            Ok((job, false)) => still_running(&api, &job),
-            Err(response) => response,
-        };
+        return connector_job(&api, scope, Answer::Single("Observation", observation)).await;
     }
-    let Some(patient) = id_text(request.patient_id).filter(|id| crate::fhir::is_valid_id(id))
-    else {
-        return connector_error(
-            StatusCode::BAD_REQUEST,
-            "Missing required parameter: observationId (or patientId)",
-        );
+    let patient = match patient_id(
+        &request,
+        "Missing required parameter: observationId (or patientId)",
+    ) {
+        Ok(patient) => patient,
+        Err(e) => return connector_error(StatusCode::BAD_REQUEST, e),
     };
     let scope = Scope::Patient {
         id: patient.clone(),
         types: Some(vec!["Observation".into()]),
     };
-    match run_connector_job(&api, scope).await {
-        Ok((job, true)) => summary_answer(&api, &job, &patient),
-        Ok((job, false)) => still_running(&api, &job),
-        Err(response) => response,
-    }
+    connector_job(&api, scope, Answer::Summary(patient)).await
 }
 
 /// `POST /api/sync-patient-with-observations` `{"patientId": "1"}`.
@@ -571,24 +580,15 @@ async fn sync_patient_with_observations(
     State(api): State<Arc<SyncApi>>,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let request: ConnectorRequest = match parse_body(body) {
-        Ok(r) => r,
+    let patient = match parse_body::<ConnectorRequest>(body)
+        .and_then(|r| patient_id(&r, "Missing required parameter: patientId"))
+    {
+        Ok(patient) => patient,
         Err(e) => return connector_error(StatusCode::BAD_REQUEST, e),
-    };
-    let Some(patient) = id_text(request.patient_id).filter(|id| crate::fhir::is_valid_id(id))
-    else {
-        return connector_error(
-            StatusCode::BAD_REQUEST,
-            "Missing required parameter: patientId",
-        );
     };
     let scope = Scope::Patient {
         id: patient.clone(),
         types: Some(vec!["Patient".into(), "Observation".into()]),
     };
-    match run_connector_job(&api, scope).await {
-        Ok((job, true)) => summary_answer(&api, &job, &patient),
-        Ok((job, false)) => still_running(&api, &job),
-        Err(response) => response,
-    }
+    connector_job(&api, scope, Answer::Summary(patient)).await
 }

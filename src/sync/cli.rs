@@ -12,15 +12,29 @@ use super::model::{DeadLetter, Job};
 use crate::config::Config;
 
 /// What to sync, as given on the command line.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, clap::Args)]
 pub struct SyncOptions {
+    /// Source name (`local` is the embedded store); default `sync.default_source`.
+    #[arg(long)]
     pub source: Option<String>,
+    /// Destination name (`local` is the embedded store); default `sync.default_destination`.
+    #[arg(long)]
     pub destination: Option<String>,
+    /// One patient and everything for that patient.
+    #[arg(long, conflicts_with = "resources")]
     pub patient: Option<String>,
+    /// Resource types, comma-separated (with --patient: only these types).
+    #[arg(long)]
     pub types: Option<String>,
+    /// Only resources updated since this date or instant (types syncs); the last run's
+    /// watermark otherwise.
+    #[arg(long)]
     pub since: Option<String>,
+    /// Listed resources, comma-separated `Type/id`.
+    #[arg(long)]
     pub resources: Option<String>,
-    /// A running gateway (`http://host:8080`) to run the job on instead of this process.
+    /// Run the job on this running gateway (`http://host:8080`) instead of in this process.
+    #[arg(long)]
     pub server: Option<String>,
 }
 

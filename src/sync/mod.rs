@@ -520,7 +520,7 @@ mod tests {
     use serde_json::json;
 
     use super::*;
-    use crate::config::{Config, DestinationKind, UpsertMode};
+    use crate::config::{Config, DestinationKind};
     use crate::fhir::{SchemaValidator, SearchQuery, SearchRegistry};
     use crate::store::{
         Action, EmbeddedStore, KvOp, Mutation, Page, ResourceVersion, SearchPage, WriteResult,
@@ -641,17 +641,9 @@ mod tests {
         config.destinations.insert(
             "copy".into(),
             DestinationConfig {
-                kind: DestinationKind::Embedded,
-                base_url: None,
-                tenant_id: None,
-                auth: None,
-                batch_size: None,
-                transaction: false,
                 id_strategy: IdStrategy::Prefix,
                 id_prefix: Some("copy-".into()),
-                upsert: UpsertMode::Id,
-                concurrency: 2,
-                timeout_secs: 30,
+                ..DestinationConfig::new(DestinationKind::Embedded, None)
             },
         );
         let shared: Arc<dyn Store> = store.clone();

@@ -311,14 +311,8 @@ impl Tx<'_> {
                     self.settle_followers(destination, &key, &version);
                 }
                 Settled::Gone => {
-                    let Some(entry) = self.remove(destination, seq) else {
-                        continue;
-                    };
-                    count(destination, &entry.resource_type, "skipped");
-                    if let Some(slot) = self.job(entry.job) {
-                        slot.job.counts.skipped += 1;
-                        slot.job.type_counts(&entry.resource_type).skipped += 1;
-                        slot.record(&entry, true, Some("gone from the source".into()));
+                    if let Some(entry) = self.remove(destination, seq) {
+                        self.skipped(destination, &entry, Some("gone from the source"));
                     }
                 }
                 Settled::Retry {
@@ -332,10 +326,7 @@ impl Tx<'_> {
                         let Some(entry) = self.remove(destination, seq) else {
                             continue;
                         };
-                        if let Some(slot) = self.job(entry.job) {
-                            slot.job.counts.skipped += 1;
-                            slot.job.type_counts(&entry.resource_type).skipped += 1;
-                        }
+                        self.skipped(destination, &entry, Some("superseded by a newer version"));
                         continue;
                     }
                     let attempts = queued.entry.attempts + 1;
@@ -389,15 +380,19 @@ impl Tx<'_> {
             })
             .collect();
         for seq in same {
-            let Some(entry) = self.remove(destination, seq) else {
-                continue;
-            };
-            count(destination, &entry.resource_type, "skipped");
-            if let Some(slot) = self.job(entry.job) {
-                slot.job.counts.skipped += 1;
-                slot.job.type_counts(&entry.resource_type).skipped += 1;
-                slot.record(&entry, true, None);
+            if let Some(entry) = self.remove(destination, seq) {
+                self.skipped(destination, &entry, None);
             }
+        }
+    }
+
+    /// Counts an entry that needed no delivery of its own.
+    fn skipped(&mut self, destination: &str, entry: &Entry, note: Option<&str>) {
+        count(destination, &entry.resource_type, "skipped");
+        if let Some(slot) = self.job(entry.job) {
+            slot.job.counts.skipped += 1;
+            slot.job.type_counts(&entry.resource_type).skipped += 1;
+            slot.record(entry, true, note.map(str::to_owned));
         }
     }
 

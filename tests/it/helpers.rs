@@ -176,6 +176,18 @@ impl Drop for TestApp {
     }
 }
 
+/// The Prometheus text of `/metrics`.
+pub async fn metrics(app: &TestApp) -> String {
+    app.client
+        .get(app.url("/metrics"))
+        .send()
+        .await
+        .expect("GET /metrics")
+        .text()
+        .await
+        .expect("metrics text")
+}
+
 /// Status and JSON body of a response.
 pub async fn json(response: Response) -> (StatusCode, Value) {
     let status = response.status();

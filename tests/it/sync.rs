@@ -13,7 +13,7 @@ use fhirgate::config::{
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 
-use crate::ehr_double::{Auth, FhirDouble, Flavor, Options};
+use crate::ehr_double::{Auth, Faults, FhirDouble, Flavor, Options};
 use crate::helpers::{fixtures, json, without_meta, TestApp};
 
 pub fn root() -> PathBuf {
@@ -71,19 +71,7 @@ pub fn oauth(method: ClientAuthMethod, client_id: &str, secret: Option<&str>) ->
 }
 
 pub fn destination(kind: DestinationKind, base_url: Option<String>) -> DestinationConfig {
-    DestinationConfig {
-        kind,
-        base_url,
-        tenant_id: None,
-        auth: None,
-        batch_size: None,
-        transaction: false,
-        id_strategy: IdStrategy::Preserve,
-        id_prefix: None,
-        upsert: UpsertMode::Id,
-        concurrency: 4,
-        timeout_secs: 10,
-    }
+    DestinationConfig::new(kind, base_url)
 }
 
 /// Quick retries, so fault tests do not wait long.
@@ -138,6 +126,19 @@ pub async fn finished_job(client: &reqwest::Client, base: &str, id: u64) -> Valu
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     panic!("job {id} did not finish: {last}");
+}
+
+/// POSTs `body` as JSON to `path`; the answer's status and JSON.
+pub async fn post_json(app: &TestApp, path: &str, body: &Value) -> (StatusCode, Value) {
+    json(
+        app.client
+            .post(app.url(path))
+            .json(body)
+            .send()
+            .await
+            .expect("POST"),
+    )
+    .await
 }
 
 pub async fn run_job(app: &TestApp, body: Value) -> Value {
@@ -375,6 +376,31 @@ async fn incremental_runs_move_the_watermark_and_send_only_changes() {
     );
 }
 
+/// An athenahealth double with HTTP Basic client authentication.
+pub async fn athena_double() -> FhirDouble {
+    FhirDouble::start(
+        Flavor::athena(),
+        Options {
+            auth: Some(Auth::basic("athena-client", "athena-secret")),
+            ..Options::default()
+        },
+    )
+    .await
+}
+
+/// An Azure double (client secret posted in the form) with `faults` on writes.
+pub async fn azure_double(faults: Faults) -> FhirDouble {
+    FhirDouble::start(
+        Flavor::azure(),
+        Options {
+            auth: Some(Auth::post("azure-app", "azure-secret")),
+            faults,
+            ..Options::default()
+        },
+    )
+    .await
+}
+
 /// An Azure destination as the double serves it: an Azure AD token for `{fhir}/.default`.
 pub fn azure_destination(azure: &FhirDouble) -> DestinationConfig {
     let mut config = destination(DestinationKind::Azure, Some(azure.fhir_base()));
@@ -393,24 +419,10 @@ pub fn azure_destination(azure: &FhirDouble) -> DestinationConfig {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connector_endpoints_sync_a_patient_from_athena_to_azure() {
-    let athena = FhirDouble::start(
-        Flavor::athena(),
-        Options {
-            auth: Some(Auth::basic("athena-client", "athena-secret")),
-            ..Options::default()
-        },
-    )
-    .await;
+    let athena = athena_double().await;
     athena.load_synthea(&synthea_files()[0]);
     athena.load_synthea(&synthea_files()[1]);
-    let azure = FhirDouble::start(
-        Flavor::azure(),
-        Options {
-            auth: Some(Auth::post("azure-app", "azure-secret")),
-            ..Options::default()
-        },
-    )
-    .await;
+    let azure = azure_double(Faults::default()).await;
     let source = source_for(
         &athena,
         SourceKind::Athena,
@@ -443,15 +455,8 @@ async fn connector_endpoints_sync_a_patient_from_athena_to_azure() {
     assert!(!observations.is_empty());
 
     // sync-patient: the patient alone, in the connector's answer shape.
-    let (status, body) = json(
-        app.client
-            .post(app.url("/api/sync-patient"))
-            .json(&json!({"patientId": patient_id}))
-            .send()
-            .await
-            .expect("sync-patient"),
-    )
-    .await;
+    let (status, body) =
+        post_json(&app, "/api/sync-patient", &json!({"patientId": patient_id})).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(
         body["message"],
@@ -465,13 +470,10 @@ async fn connector_endpoints_sync_a_patient_from_athena_to_azure() {
 
     // sync-patient-with-observations: the patient (unchanged: not written again) and every
     // observation, patient first.
-    let (status, body) = json(
-        app.client
-            .post(app.url("/api/sync-patient-with-observations"))
-            .json(&json!({"patientId": patient_id}))
-            .send()
-            .await
-            .expect("with observations"),
+    let (status, body) = post_json(
+        &app,
+        "/api/sync-patient-with-observations",
+        &json!({"patientId": patient_id}),
     )
     .await;
     assert_eq!(status, StatusCode::OK, "{body}");
@@ -501,13 +503,10 @@ async fn connector_endpoints_sync_a_patient_from_athena_to_azure() {
     changed["status"] = json!("amended");
     athena.put_resource(changed);
     let observation_id = observations[0]["id"].as_str().expect("id");
-    let (status, body) = json(
-        app.client
-            .post(app.url("/api/sync-observation"))
-            .json(&json!({"observationId": observation_id}))
-            .send()
-            .await
-            .expect("sync-observation"),
+    let (status, body) = post_json(
+        &app,
+        "/api/sync-observation",
+        &json!({"observationId": observation_id}),
     )
     .await;
     assert_eq!(status, StatusCode::OK, "{body}");
@@ -536,24 +535,13 @@ async fn connector_endpoints_sync_a_patient_from_athena_to_azure() {
         .all(|r| r.bearer().is_some()));
 
     // Errors in the connector's shape.
-    let (status, body) = json(
-        app.client
-            .post(app.url("/api/sync-patient"))
-            .json(&json!({}))
-            .send()
-            .await
-            .expect("empty"),
-    )
-    .await;
+    let (status, body) = post_json(&app, "/api/sync-patient", &json!({})).await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
     assert_eq!(body["error"], "Missing required parameter: patientId");
-    let (status, body) = json(
-        app.client
-            .post(app.url("/api/sync-patient"))
-            .json(&json!({"patientId": "no-such-patient"}))
-            .send()
-            .await
-            .expect("missing"),
+    let (status, body) = post_json(
+        &app,
+        "/api/sync-patient",
+        &json!({"patientId": "no-such-patient"}),
     )
     .await;
     assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
@@ -566,14 +554,7 @@ async fn a_patient_sync_sends_referenced_resources_before_their_referrers() {
     for file in &synthea_files()[..3] {
         ehr.load_synthea(file);
     }
-    let azure = FhirDouble::start(
-        Flavor::azure(),
-        Options {
-            auth: Some(Auth::post("azure-app", "azure-secret")),
-            ..Options::default()
-        },
-    )
-    .await;
+    let azure = azure_double(Faults::default()).await;
     let source = source_for(&ehr, SourceKind::Fhir, None);
     let mut azure_config = azure_destination(&azure);
     azure_config.batch_size = Some(20);
@@ -650,14 +631,7 @@ async fn a_patient_sync_sends_referenced_resources_before_their_referrers() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_facade_reads_a_source_through_the_gateway() {
-    let athena = FhirDouble::start(
-        Flavor::athena(),
-        Options {
-            auth: Some(Auth::basic("athena-client", "athena-secret")),
-            ..Options::default()
-        },
-    )
-    .await;
+    let athena = athena_double().await;
     athena.load_synthea(&synthea_files()[0]);
     let source = source_for(
         &athena,
@@ -868,15 +842,7 @@ async fn the_sync_api_refuses_bad_requests_with_operation_outcomes() {
     assert_eq!(status, StatusCode::NOT_FOUND);
     crate::helpers::assert_outcome(&outcome, "not-found", None);
     // The connector endpoints without a configured source and destination.
-    let (status, body) = json(
-        app.client
-            .post(app.url("/api/sync-patient"))
-            .json(&json!({"patientId": "1"}))
-            .send()
-            .await
-            .expect("post"),
-    )
-    .await;
+    let (status, body) = post_json(&app, "/api/sync-patient", &json!({"patientId": "1"})).await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
     assert!(body["error"]
         .as_str()

@@ -12,8 +12,8 @@ use serde_json::json;
 use crate::ehr_double::{Auth, BrokenLink, BrokenNext, Faults, FhirDouble, Flavor, Options};
 use crate::helpers::{json, TestApp};
 use crate::sync::{
-    azure_destination, dead_letters, destination, finished_job, oauth, quick_retries, run_job,
-    source_for, start_job, synthea_files, types_of,
+    azure_destination, azure_double, dead_letters, destination, finished_job, oauth, quick_retries,
+    run_job, source_for, start_job, synthea_files, types_of,
 };
 
 /// Writes per `(type, id, source version)` at a destination double.
@@ -72,11 +72,11 @@ async fn plain_source(patients: usize) -> FhirDouble {
     double
 }
 
-async fn azure_double(faults: Faults) -> FhirDouble {
+/// A plain FHIR server double as a destination, with `faults`.
+async fn plain_sink(faults: Faults) -> FhirDouble {
     FhirDouble::start(
-        Flavor::azure(),
+        Flavor::Plain,
         Options {
-            auth: Some(Auth::post("azure-app", "azure-secret")),
             faults,
             ..Options::default()
         },
@@ -165,15 +165,7 @@ async fn failing_and_timing_out_writes_lose_nothing_and_duplicate_nothing() {
     assert!(dead_letters(&app).await.is_empty());
     assert_exactly_once(&source_double, &azure, &[]);
 
-    let metrics = app
-        .client
-        .get(app.url("/metrics"))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+    let metrics = crate::helpers::metrics(&app).await;
     for name in [
         "fhirgate_remote_requests_total{remote=\"azure\",status=\"error\"}",
         "fhirgate_sync_resources_total{destination=\"azure\",type=\"Observation\",outcome=\"done\"}",
@@ -307,15 +299,7 @@ async fn token_trouble_is_retried_refused_tokens_are_refreshed_and_a_dead_endpoi
             .contains("token endpoint answered 401"),
         "{page}"
     );
-    let metrics = app
-        .client
-        .get(app.url("/metrics"))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+    let metrics = crate::helpers::metrics(&app).await;
     assert!(metrics.contains("fhirgate_remote_auth_failures_total{remote=\"openemr\"}"));
 
     // Retrying after the endpoint recovers reads the page and completes the job.
@@ -490,16 +474,10 @@ async fn a_sync_interrupted_by_a_restart_resumes_where_it_was() {
     // In-process stop (graceful) in the middle: what is queued is delivered after the start.
     let source_double = plain_source(3).await;
     let all = source_double.resources();
-    let sink = FhirDouble::start(
-        Flavor::Plain,
-        Options {
-            faults: Faults {
-                write_delay: Duration::from_millis(20),
-                ..Faults::default()
-            },
-            ..Options::default()
-        },
-    )
+    let sink = plain_sink(Faults {
+        write_delay: Duration::from_millis(20),
+        ..Faults::default()
+    })
     .await;
     let source = source_for(&source_double, SourceKind::Fhir, None);
     let mut plain = destination(DestinationKind::Fhir, Some(sink.fhir_base()));
@@ -549,16 +527,10 @@ async fn a_sync_killed_with_sigkill_resumes_and_delivers_each_version_once() {
     }
     // The destination takes 1,000 writes, then holds every further one: the kill lands in the
     // middle of the sync, with deliveries in flight, whatever the machine's speed.
-    let sink = FhirDouble::start(
-        Flavor::Plain,
-        Options {
-            faults: Faults {
-                hold_after: Some(1000),
-                ..Faults::default()
-            },
-            ..Options::default()
-        },
-    )
+    let sink = plain_sink(Faults {
+        hold_after: Some(1000),
+        ..Faults::default()
+    })
     .await;
     let dir = tempfile::tempdir().expect("temp dir");
     let config = dir.path().join("fhirgate.toml");
@@ -613,16 +585,10 @@ async fn a_sync_killed_with_sigkill_resumes_and_delivers_each_version_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn overlapping_jobs_deliver_each_version_once_and_both_finish() {
     let source_double = plain_source(2).await;
-    let sink = FhirDouble::start(
-        Flavor::Plain,
-        Options {
-            faults: Faults {
-                write_delay: Duration::from_millis(5),
-                ..Faults::default()
-            },
-            ..Options::default()
-        },
-    )
+    let sink = plain_sink(Faults {
+        write_delay: Duration::from_millis(5),
+        ..Faults::default()
+    })
     .await;
     let source = source_for(&source_double, SourceKind::Fhir, None);
     let mut plain = destination(DestinationKind::Fhir, Some(sink.fhir_base()));
