@@ -1028,3 +1028,59 @@ async fn a_destination_can_upsert_by_identifier() {
     assert_eq!(ids.len(), 3, "{ids:?}");
     assert!(ids.contains("their-0"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connector_call_that_takes_longer_than_the_wait_answers_202_with_the_job() {
+    let ehr = FhirDouble::start(Flavor::Plain, Options::default()).await;
+    ehr.load_synthea(&synthea_files()[0]);
+    let sink = FhirDouble::start(
+        Flavor::Plain,
+        Options {
+            faults: Faults {
+                write_delay: Duration::from_millis(300),
+                ..Faults::default()
+            },
+            ..Options::default()
+        },
+    )
+    .await;
+    let source = source_for(&ehr, SourceKind::Fhir, None);
+    let sink_base = sink.fhir_base();
+    let app = TestApp::start_with(|config| {
+        config.sync.api_wait_secs = 0;
+        config.sources.insert("ehr".into(), source);
+        config.destinations.insert(
+            "store".into(),
+            destination(DestinationKind::Fhir, Some(sink_base)),
+        );
+    })
+    .await;
+    let patient = ehr
+        .resources()
+        .into_iter()
+        .find(|r| r["resourceType"] == "Patient")
+        .expect("patient");
+    let response = app
+        .client
+        .post(app.url("/api/sync-patient-with-observations"))
+        .json(&json!({"patientId": patient["id"]}))
+        .send()
+        .await
+        .expect("post");
+    let location = response
+        .headers()
+        .get("location")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+        .expect("Location");
+    let (status, body) = json(response).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    let id = body["jobId"].as_u64().expect("jobId");
+    assert_eq!(location, format!("/sync/jobs/{id}"));
+    assert_eq!(body["status"], location);
+    // The job goes on and finishes; the default source and destination were the only ones.
+    let job = finished_job(&app.client, &app.base, id).await;
+    assert_eq!(job["state"], "completed", "{job}");
+    assert_eq!(job["source"], "ehr");
+    assert_eq!(job["destination"], "store");
+}
