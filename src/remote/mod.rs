@@ -45,6 +45,10 @@ pub enum RemoteError {
     /// An answer that is not what FHIR promises (not JSON, not a Bundle, …).
     #[error("{0}")]
     Invalid(String),
+    /// A request the gateway will not send (it would leave the source's base, or reach data
+    /// the gateway's credentials must not be used for).
+    #[error("{0}")]
+    Refused(String),
 }
 
 impl RemoteError {
@@ -58,7 +62,7 @@ impl RemoteError {
         match self {
             Self::Transport(_) | Self::Auth { .. } => true,
             Self::Status { status, .. } => is_retriable_status(*status),
-            Self::Invalid(_) => false,
+            Self::Invalid(_) | Self::Refused(_) => false,
         }
     }
 
@@ -776,20 +780,30 @@ impl RemoteFhir {
             .unwrap_or((path_and_query, ""));
         check_relative_path(path)?;
         let mut query = query.to_owned();
+        let mut body = body;
         if let (Some(SourceKind::Athena), Some(practice)) = (self.kind, &self.practice) {
-            // The practice is the gateway's to set: a caller's own is dropped, so nobody reads
-            // another practice with the gateway's credentials.
-            let mut pairs: Vec<(String, String)> = serde_urlencoded::from_str(&query)
-                .map_err(|e| RemoteError::Invalid(format!("the query is not form-encoded: {e}")))?;
-            pairs.retain(|(name, _)| name != "ah-practice");
-            if is_search(path) {
-                pairs.push((
-                    "ah-practice".into(),
-                    format!("Organization/a-1.Practice-{practice}"),
-                ));
+            // The practice is the gateway's to set: a caller's own is dropped (from the query
+            // and from a form-encoded `_search` body), and ids of another practice are not
+            // read, so nobody reaches another practice with the gateway's credentials.
+            check_practice_of_id(path, practice)?;
+            query = without_param(&query, "ah-practice");
+            let post_search = method == Method::POST && path.ends_with("/_search");
+            if post_search {
+                body = body.map(|b| {
+                    Bytes::from(without_param(&String::from_utf8_lossy(&b), "ah-practice"))
+                });
             }
-            query = serde_urlencoded::to_string(&pairs)
-                .map_err(|e| RemoteError::Invalid(format!("encoding the query: {e}")))?;
+            if (method == Method::GET && is_search(path)) || post_search {
+                if !query.is_empty() {
+                    query.push('&');
+                }
+                query.push_str("ah-practice=Organization%2Fa-1.Practice-");
+                query.push_str(
+                    &serde_urlencoded::to_string([("", practice.as_str())])
+                        .map(|s| s.trim_start_matches('=').to_owned())
+                        .unwrap_or_default(),
+                );
+            }
         }
         let mut url = self.url(path);
         if !query.is_empty() {
@@ -805,12 +819,45 @@ impl RemoteFhir {
             && (parsed.path().starts_with(base.path())
                 || format!("{}/", parsed.path()) == base.path());
         if !inside {
-            return Err(RemoteError::Invalid(
+            return Err(RemoteError::Refused(
                 "the path leaves the source's FHIR base".into(),
             ));
         }
         self.send(method, parsed.as_str(), body, extra).await
     }
+}
+
+/// `query` (raw, as the caller wrote it) without the pairs named `name`; the rest stays
+/// byte for byte.
+fn without_param(query: &str, name: &str) -> String {
+    query
+        .split('&')
+        .filter(|pair| {
+            let raw_name = pair.split('=').next().unwrap_or("");
+            let decoded: Vec<(String, String)> =
+                serde_urlencoded::from_str(&format!("{raw_name}=")).unwrap_or_default();
+            !pair.is_empty() && decoded.first().is_none_or(|(n, _)| n != name)
+        })
+        .collect::<Vec<_>>()
+        .join("&")
+}
+
+/// athenahealth ids carry their practice (`a-195900.E-60178`; the practice itself is
+/// `a-1.Practice-195900`): an id of another practice is refused.
+fn check_practice_of_id(path: &str, practice: &str) -> Result<(), RemoteError> {
+    let Some(id) = path.trim_matches('/').split('/').nth(1) else {
+        return Ok(());
+    };
+    let Some((owner, rest)) = id.strip_prefix("a-").and_then(|r| r.split_once('.')) else {
+        return Ok(());
+    };
+    let ours = owner == practice || (owner == "1" && rest == format!("Practice-{practice}"));
+    if owner.bytes().all(|b| b.is_ascii_digit()) && !ours {
+        return Err(RemoteError::Refused(format!(
+            "{id} belongs to another practice than {practice}"
+        )));
+    }
+    Ok(())
 }
 
 /// Refuses paths that could climb out of the FHIR base: `.` and `..` segments (also
@@ -823,7 +870,7 @@ pub fn check_relative_path(path: &str) -> Result<(), RemoteError> {
         decoded == "." || decoded == ".."
     });
     if sneaky || climbs {
-        Err(RemoteError::Invalid(
+        Err(RemoteError::Refused(
             "the path has dot segments or encoded slashes".into(),
         ))
     } else {
@@ -1225,6 +1272,21 @@ mod tests {
         ] {
             assert!(check_relative_path(good).is_ok(), "{good}");
         }
+    }
+
+    #[test]
+    fn athena_practice_parameters_and_ids_stay_with_the_configured_practice() {
+        assert_eq!(
+            without_param("name=a+b&ah-practice=X&code=http%3A%2F%2Floinc.org%7C1&_include=Observation:patient&ah%2Dpractice=Y", "ah-practice"),
+            "name=a+b&code=http%3A%2F%2Floinc.org%7C1&_include=Observation:patient"
+        );
+        assert_eq!(without_param("", "ah-practice"), "");
+        assert!(check_practice_of_id("Patient/a-195900.E-1", "195900").is_ok());
+        assert!(check_practice_of_id("Organization/a-1.Practice-195900", "195900").is_ok());
+        assert!(check_practice_of_id("Patient/a-999.E-1", "195900").is_err());
+        assert!(check_practice_of_id("Organization/a-1.Practice-999", "195900").is_err());
+        assert!(check_practice_of_id("Patient", "195900").is_ok());
+        assert!(check_practice_of_id("Patient/12", "195900").is_ok());
     }
 
     #[test]

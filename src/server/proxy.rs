@@ -14,7 +14,6 @@ use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use futures_util::StreamExt;
 use http::{header, HeaderName, HeaderValue, Method, StatusCode};
-use serde_json::Value;
 
 use crate::fhir::{FhirError, Issue};
 use crate::remote::{RemoteError, RemoteFhir};
@@ -144,7 +143,9 @@ async fn relay(
         .get(header::LOCATION.as_str())
         .and_then(|v| v.to_str().ok())
     {
-        if let Ok(value) = HeaderValue::from_str(&rebase(location, &upstream_base, &gateway_base)) {
+        if let Ok(value) =
+            HeaderValue::from_str(&rebase_url(location, &upstream_base, &gateway_base))
+        {
             headers.insert(header::LOCATION, value);
         }
     }
@@ -154,36 +155,12 @@ async fn relay(
         .is_some_and(|t| t.contains("json"));
     let body = if is_json && !is_instance_read(below) {
         // Searches, histories and operations answer with Bundles whose links must stay on
-        // the gateway; they are read (up to the body limit) and rewritten. A larger answer
-        // streams through as it is.
-        let mut stream = answer.bytes_stream();
-        let mut head: Vec<Bytes> = Vec::new();
-        let mut size = 0usize;
-        let mut complete = true;
-        while let Some(chunk) = stream.next().await {
-            let chunk =
-                chunk.map_err(|e| upstream_error(name, &RemoteError::Transport(e.to_string())))?;
-            size += chunk.len();
-            head.push(chunk);
-            if size > proxies.max_body_bytes {
-                complete = false;
-                break;
-            }
-        }
-        if complete {
-            let bytes: Vec<u8> = head.concat();
-            match serde_json::from_slice::<Value>(&bytes) {
-                Ok(mut bundle) if is_bundle(&bundle) => {
-                    rewrite_bundle(&mut bundle, &upstream_base, &gateway_base);
-                    Body::from(serde_json::to_vec(&bundle).unwrap_or_default())
-                }
-                _ => Body::from(bytes),
-            }
-        } else {
-            let head =
-                futures_util::stream::iter(head.into_iter().map(Ok::<Bytes, reqwest::Error>));
-            Body::from_stream(head.chain(stream))
-        }
+        // the gateway: the source's base is replaced by the gateway's as the body streams.
+        Body::from_stream(rebase_stream(
+            answer.bytes_stream(),
+            &upstream_base,
+            &gateway_base,
+        ))
     } else {
         Body::from_stream(answer.bytes_stream())
     };
@@ -195,6 +172,7 @@ async fn relay(
 
 fn upstream_error(name: &str, error: &RemoteError) -> FhirError {
     let (status, code) = match error {
+        RemoteError::Refused(_) => (StatusCode::FORBIDDEN, "forbidden"),
         RemoteError::Auth { .. } => (StatusCode::BAD_GATEWAY, "security"),
         RemoteError::Transport(_) => (StatusCode::BAD_GATEWAY, "transient"),
         _ => (StatusCode::BAD_GATEWAY, "exception"),
@@ -215,12 +193,8 @@ fn is_instance_read(below: &str) -> bool {
     }
 }
 
-fn is_bundle(value: &Value) -> bool {
-    value.get("resourceType").and_then(Value::as_str) == Some("Bundle")
-}
-
 /// `url` under `from` moved under `to`; anything else unchanged.
-fn rebase(url: &str, from: &str, to: &str) -> String {
+fn rebase_url(url: &str, from: &str, to: &str) -> String {
     match url.strip_prefix(from) {
         Some(rest) if rest.is_empty() || rest.starts_with('/') || rest.starts_with('?') => {
             format!("{to}{rest}")
@@ -229,68 +203,150 @@ fn rebase(url: &str, from: &str, to: &str) -> String {
     }
 }
 
-fn rewrite_bundle(bundle: &mut Value, from: &str, to: &str) {
-    if let Some(links) = bundle.get_mut("link").and_then(Value::as_array_mut) {
-        for link in links {
-            if let Some(Value::String(url)) = link.get_mut("url") {
-                *url = rebase(url, from, to);
+/// Rewrites every JSON string that starts with the source's base URL (`"{from}/…`,
+/// `"{from}?…`, or `"{from}"`, also with `\/`-escaped slashes as some servers write them) to
+/// start with the gateway's, chunk by chunk: `Bundle.link`, `entry.fullUrl`, and absolute
+/// references to the source all point at the gateway. Nothing is held beyond a pattern's
+/// length.
+fn rebase_stream<S>(
+    upstream: S,
+    from: &str,
+    to: &str,
+) -> impl futures_util::Stream<Item = Result<Bytes, reqwest::Error>> + Send + 'static
+where
+    S: futures_util::Stream<Item = Result<Bytes, reqwest::Error>> + Send + Unpin + 'static,
+{
+    let patterns = vec![
+        (
+            format!("\"{from}").into_bytes(),
+            format!("\"{to}").into_bytes(),
+        ),
+        (
+            format!("\"{}", from.replace('/', "\\/")).into_bytes(),
+            format!("\"{}", to.replace('/', "\\/")).into_bytes(),
+        ),
+    ];
+    let keep = patterns.iter().map(|(p, _)| p.len()).max().unwrap_or(0) + 1;
+    futures_util::stream::unfold(
+        (upstream, Vec::<u8>::new(), false, patterns),
+        move |(mut upstream, mut carry, mut ended, patterns)| async move {
+            loop {
+                if ended {
+                    if carry.is_empty() {
+                        return None;
+                    }
+                    let (out, _) = rebase(&carry, carry.len(), &patterns);
+                    return Some((Ok(Bytes::from(out)), (upstream, Vec::new(), true, patterns)));
+                }
+                match upstream.next().await {
+                    Some(Ok(chunk)) => {
+                        carry.extend_from_slice(&chunk);
+                        if carry.len() <= keep {
+                            continue;
+                        }
+                        let (out, used) = rebase(&carry, carry.len() - keep, &patterns);
+                        carry.drain(..used);
+                        return Some((Ok(Bytes::from(out)), (upstream, carry, false, patterns)));
+                    }
+                    Some(Err(e)) => return Some((Err(e), (upstream, carry, true, patterns))),
+                    None => ended = true,
+                }
+            }
+        },
+    )
+}
+
+/// Rewrites pattern occurrences starting before `limit` in `buf`; returns the output and how
+/// much of `buf` it covers. A pattern counts only when followed by `/`, `?`, `"` or `\`, so
+/// `https://ehr/fhir` does not match inside `https://ehr/fhir2`.
+fn rebase(buf: &[u8], limit: usize, patterns: &[(Vec<u8>, Vec<u8>)]) -> (Vec<u8>, usize) {
+    let mut out = Vec::with_capacity(buf.len());
+    let mut i = 0;
+    while i < limit {
+        let Some(offset) = buf[i..limit].iter().position(|&b| b == b'"') else {
+            out.extend_from_slice(&buf[i..limit]);
+            i = limit;
+            break;
+        };
+        let at = i + offset;
+        out.extend_from_slice(&buf[i..at]);
+        let found = patterns.iter().find(|(pattern, _)| {
+            buf[at..].starts_with(pattern)
+                && matches!(
+                    buf.get(at + pattern.len()),
+                    Some(b'/' | b'?' | b'"' | b'\\')
+                )
+        });
+        match found {
+            Some((pattern, replacement)) => {
+                out.extend_from_slice(replacement);
+                i = at + pattern.len();
+            }
+            None => {
+                out.push(b'"');
+                i = at + 1;
             }
         }
     }
-    if let Some(entries) = bundle.get_mut("entry").and_then(Value::as_array_mut) {
-        for entry in entries {
-            if let Some(Value::String(url)) = entry.get_mut("fullUrl") {
-                *url = rebase(url, from, to);
-            }
-        }
-    }
+    (out, i)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
 
-    #[test]
-    fn links_and_full_urls_move_to_the_gateway() {
-        let mut bundle = json!({
-            "resourceType": "Bundle",
-            "link": [
-                {"relation": "self", "url": "https://ehr.test/fhir/r4/Patient?name=x"},
-                {"relation": "next", "url": "https://ehr.test/fhir/r4?_getpages=abc"},
-                {"relation": "other", "url": "https://elsewhere.test/fhir/Patient"}
-            ],
-            "entry": [{"fullUrl": "https://ehr.test/fhir/r4/Patient/1"}]
-        });
-        rewrite_bundle(
-            &mut bundle,
-            "https://ehr.test/fhir/r4",
-            "http://gw/fhir/athena",
+    async fn rebased(chunks: Vec<&str>, from: &str, to: &str) -> String {
+        let upstream = futures_util::stream::iter(
+            chunks
+                .into_iter()
+                .map(|c| Ok::<Bytes, reqwest::Error>(Bytes::from(c.to_owned())))
+                .collect::<Vec<_>>(),
         );
+        let out: Vec<Result<Bytes, reqwest::Error>> =
+            rebase_stream(upstream, from, to).collect().await;
+        let bytes: Vec<u8> = out
+            .into_iter()
+            .flat_map(|c| c.expect("chunk").to_vec())
+            .collect();
+        String::from_utf8(bytes).expect("utf-8")
+    }
+
+    #[tokio::test]
+    async fn links_and_full_urls_move_to_the_gateway_across_chunks() {
+        let body = r#"{"resourceType":"Bundle","link":[{"relation":"next","url":"https://ehr.test/fhir/r4?_getpages=abc"},{"relation":"other","url":"https://elsewhere.test/fhir/r4/Patient"},{"relation":"x","url":"https://ehr.test/fhir/r44/Patient"}],"entry":[{"fullUrl":"https://ehr.test/fhir/r4/Patient/1","resource":{"resourceType":"Patient","id":"1","text":{"div":"see https://ehr.test/fhir/r4/Patient/1"}}}]}"#;
+        let want = r#"{"resourceType":"Bundle","link":[{"relation":"next","url":"http://gw/fhir/athena?_getpages=abc"},{"relation":"other","url":"https://elsewhere.test/fhir/r4/Patient"},{"relation":"x","url":"https://ehr.test/fhir/r44/Patient"}],"entry":[{"fullUrl":"http://gw/fhir/athena/Patient/1","resource":{"resourceType":"Patient","id":"1","text":{"div":"see https://ehr.test/fhir/r4/Patient/1"}}}]}"#;
+        // Whole, and cut into pieces of every size (so a URL straddles chunk boundaries).
         assert_eq!(
-            bundle["link"][0]["url"],
-            "http://gw/fhir/athena/Patient?name=x"
-        );
-        assert_eq!(
-            bundle["link"][1]["url"],
-            "http://gw/fhir/athena?_getpages=abc"
-        );
-        assert_eq!(
-            bundle["link"][2]["url"],
-            "https://elsewhere.test/fhir/Patient"
-        );
-        assert_eq!(
-            bundle["entry"][0]["fullUrl"],
-            "http://gw/fhir/athena/Patient/1"
-        );
-        // A longer path that merely starts with the same characters is not under the base.
-        assert_eq!(
-            rebase(
-                "https://ehr.test/fhir/r44/X",
+            rebased(
+                vec![body],
                 "https://ehr.test/fhir/r4",
-                "gw"
-            ),
-            "https://ehr.test/fhir/r44/X"
+                "http://gw/fhir/athena"
+            )
+            .await,
+            want
+        );
+        for size in [1, 2, 7, 25, 64] {
+            let chunks: Vec<&str> = body
+                .as_bytes()
+                .chunks(size)
+                .map(|c| std::str::from_utf8(c).expect("ascii"))
+                .collect();
+            assert_eq!(
+                rebased(chunks, "https://ehr.test/fhir/r4", "http://gw/fhir/athena").await,
+                want,
+                "chunks of {size}"
+            );
+        }
+        // Slashes escaped the way PHP writes JSON (OpenEMR).
+        let escaped = r#"{"fullUrl":"https:\/\/emr.test\/apis\/default\/fhir\/Patient\/1"}"#;
+        assert_eq!(
+            rebased(
+                vec![escaped],
+                "https://emr.test/apis/default/fhir",
+                "http://gw/fhir/openemr"
+            )
+            .await,
+            r#"{"fullUrl":"http:\/\/gw\/fhir\/openemr\/Patient\/1"}"#
         );
     }
 

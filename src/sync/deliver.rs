@@ -8,11 +8,14 @@ use serde_json::Value;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
-use super::model::{version_of, Entry};
+use super::model::{updated_of, version_of, Entry};
 use super::outbox::{now_millis, Settled, State};
 use super::transform::IdMap;
 use super::SyncEngine;
 use crate::remote::{Delivery, FhirSink, Outgoing};
+
+/// A version to deliver: its `versionId` (or stand-in) and `meta.lastUpdated`.
+type Version = (String, Option<i64>);
 
 /// An entry taken for delivery.
 pub(super) struct Claimed {
@@ -37,15 +40,20 @@ impl Drop for ClaimGuard<'_> {
         if !self.armed {
             return;
         }
-        let retry_at = now_millis().saturating_add(1_000);
+        let now = now_millis();
         let mut state = self.engine.lock();
         if let Some(lane) = state.lanes.get_mut(self.destination) {
             for seq in &self.seqs {
                 if let Some(queued) = lane.entries.get_mut(seq) {
                     if queued.in_flight {
+                        // Counted as an attempt (in memory: nothing was recorded), so a
+                        // delivery that keeps failing this way backs off further each time.
+                        queued.entry.attempts += 1;
+                        let wait = self.engine.backoff(queued.entry.attempts, None);
                         queued.in_flight = false;
                         queued.uncertain = true;
-                        queued.entry.not_before = queued.entry.not_before.max(retry_at);
+                        queued.entry.not_before =
+                            now.saturating_add(i64::try_from(wait.as_millis()).unwrap_or(i64::MAX));
                         lane.busy.remove(&queued.key);
                     }
                 }
@@ -251,7 +259,8 @@ impl SyncEngine {
                     seq,
                     match answer {
                         Delivery::Done => Settled::Done {
-                            version,
+                            version: version.0,
+                            updated: version.1,
                             verified: false,
                         },
                         Delivery::Retry {
@@ -319,10 +328,10 @@ impl SyncEngine {
         destination: &str,
         sink: &dyn FhirSink,
         outgoing: Vec<Outgoing>,
-        pending: Vec<(u64, Value, String)>,
+        pending: Vec<(u64, Value, Version)>,
         unsure: &[usize],
         settled: &mut Vec<(u64, Settled)>,
-    ) -> (Vec<Outgoing>, Vec<(u64, Value, String)>) {
+    ) -> (Vec<Outgoing>, Vec<(u64, Value, Version)>) {
         let mut by_type: std::collections::BTreeMap<&str, Vec<usize>> = Default::default();
         for &i in unsure {
             by_type
@@ -356,7 +365,8 @@ impl SyncEngine {
                 settled.push((
                     seq,
                     Settled::Done {
-                        version,
+                        version: version.0,
+                        updated: version.1,
                         verified: true,
                     },
                 ));
@@ -374,13 +384,13 @@ impl SyncEngine {
         &self,
         batch: Vec<Claimed>,
         settled: &mut Vec<(u64, Settled)>,
-    ) -> Vec<(Claimed, Value, String)> {
+    ) -> Vec<(Claimed, Value, Version)> {
         let mut ready = Vec::with_capacity(batch.len());
         let mut missing = Vec::new();
         for mut claimed in batch {
             match claimed.body.take() {
                 Some(body) => {
-                    let version = claimed.entry.version.clone();
+                    let version = (claimed.entry.version.clone(), claimed.entry.updated);
                     ready.push((claimed, body, version));
                 }
                 None => missing.push(claimed),
@@ -420,7 +430,7 @@ impl SyncEngine {
             };
             match read {
                 Ok(Some(body)) => {
-                    let version = version_of(&body);
+                    let version = (version_of(&body), updated_of(&body));
                     ready.push((claimed, body, version));
                 }
                 Ok(None) => settled.push((claimed.seq, Settled::Gone)),

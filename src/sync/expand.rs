@@ -11,7 +11,7 @@ use serde_json::Value;
 use tokio::task::JoinSet;
 
 use super::model::{
-    tier, version_of, Cursor, Delivered, Job, JobState, Scope, DELIVERED, WATERMARKS,
+    tier, updated_of, version_of, Cursor, Delivered, Job, JobState, Scope, DELIVERED, WATERMARKS,
 };
 use super::outbox::{now_rfc3339, Candidate, Tx};
 use super::SyncEngine;
@@ -65,6 +65,11 @@ impl SyncEngine {
             let _ = self.finish_expansion(job_id, Some(message)).await;
             return;
         };
+        if !self.sinks.contains_key(&job.destination) {
+            let message = format!("destination {} is no longer configured", job.destination);
+            let _ = self.finish_expansion(job_id, Some(message)).await;
+            return;
+        }
         let reader = Reader {
             prefix: self.id_prefix(&job.source, &job.destination),
             engine: self.clone(),
@@ -211,6 +216,7 @@ impl Reader {
                 resource_type: resource_type.to_owned(),
                 id: id.to_owned(),
                 version: version_of(&resource),
+                updated: updated_of(&resource),
                 body: Some(resource),
             });
         }

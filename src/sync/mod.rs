@@ -74,6 +74,9 @@ pub struct SyncEngine {
     changes: watch::Sender<u64>,
     shutdown: watch::Sender<bool>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
+    /// Set when a commit was given up on (the store failed at shutdown): memory is then ahead
+    /// of the store, and nothing more may commit.
+    broken: std::sync::atomic::AtomicBool,
 }
 
 impl SyncEngine {
@@ -95,6 +98,7 @@ impl SyncEngine {
             changes: watch::channel(0).0,
             shutdown: watch::channel(false).0,
             tasks: Mutex::new(Vec::new()),
+            broken: std::sync::atomic::AtomicBool::new(false),
         });
         let resume = engine.recover().await?;
         let mut tasks = Vec::new();
@@ -194,11 +198,26 @@ impl SyncEngine {
         if entries > 0 || !resume.is_empty() {
             tracing::info!(entries, expanding = resume.len(), "sync outbox recovered");
         }
+        let orphans: Vec<(String, u64)> = state
+            .lanes
+            .iter()
+            .filter(|(destination, _)| !self.sinks.contains_key(*destination))
+            .flat_map(|(destination, lane)| {
+                lane.entries
+                    .keys()
+                    .map(move |seq| (destination.clone(), *seq))
+            })
+            .collect();
         *self.lock() = state;
-        // Jobs whose last entries settled just before a crash finish now.
+        // Jobs whose last entries settled just before a crash finish now; entries for a
+        // destination no longer configured cannot be delivered and become dead letters.
         self.transact(|tx| {
             for id in delivering {
                 tx.job(id);
+            }
+            for (destination, seq) in orphans {
+                let reason = format!("destination {destination} is no longer configured");
+                tx.dead_letter(&destination, seq, 0, reason, None);
             }
         })
         .await?;
@@ -336,12 +355,41 @@ impl SyncEngine {
             .collect())
     }
 
+    /// One dead letter.
+    async fn dead_letter(&self, id: u64) -> Result<Option<DeadLetter>, SyncError> {
+        Ok(self
+            .store
+            .kv_get(DEAD, vec![seq_key(id)])
+            .await?
+            .into_iter()
+            .next()
+            .flatten()
+            .and_then(|bytes| serde_json::from_slice(&bytes).ok()))
+    }
+
     /// Puts a dead letter back to work in its job: a resource is queued again (read afresh
     /// from the source), a page is fetched again and its job resumes reading from there.
     pub async fn retry_dead_letter(self: &Arc<Self>, id: u64) -> Result<Job, SyncError> {
         if *self.shutdown.borrow() {
             return Err(SyncError::ShuttingDown);
         }
+        // A page of a patient or resource list is read again with the whole list: the job's
+        // other unreadable pages are then retried too, and their letters go.
+        let siblings: Vec<(u64, String)> = match self.dead_letter(id).await? {
+            Some(letter) if letter.kind == DeadKind::Page && letter.step.is_none() => self
+                .dead_letters(None, usize::MAX)
+                .await?
+                .into_iter()
+                .filter(|other| {
+                    other.job == letter.job
+                        && other.kind == DeadKind::Page
+                        && other.step.is_none()
+                        && other.id != id
+                })
+                .map(|other| (other.id, other.reason))
+                .collect(),
+            _ => Vec::new(),
+        };
         // The letter is read in the commit turn that removes it: two retries of one letter
         // cannot both act.
         let retried = self
@@ -354,6 +402,7 @@ impl SyncEngine {
                         .flatten()
                         .and_then(|bytes| serde_json::from_slice(&bytes).ok())
                         .ok_or_else(|| SyncError::NotFound(format!("no dead letter {id}")))?;
+                    let mut tx_deletes = Vec::new();
                     let Some(slot) = tx.job(letter.job) else {
                         return Err(SyncError::NotFound(format!(
                             "the job {} of dead letter {id} is gone",
@@ -380,9 +429,19 @@ impl SyncEngine {
                             }
                         }
                         DeadKind::Page => {
-                            slot.job.counts.failed_pages =
-                                slot.job.counts.failed_pages.saturating_sub(1);
-                            slot.job.errors.clear();
+                            let mut gone = vec![letter.reason.clone()];
+                            for (sibling, reason) in &siblings {
+                                tx_deletes.push(*sibling);
+                                gone.push(reason.clone());
+                            }
+                            for reason in gone {
+                                slot.job.counts.failed_pages =
+                                    slot.job.counts.failed_pages.saturating_sub(1);
+                                if let Some(at) = slot.job.errors.iter().position(|e| *e == reason)
+                                {
+                                    slot.job.errors.remove(at);
+                                }
+                            }
                             slot.job.state = JobState::Expanding;
                             slot.job.cursor = letter.step.map(|step| model::Cursor {
                                 step,
@@ -394,6 +453,9 @@ impl SyncEngine {
                         }
                     }
                     tx.delete(DEAD, seq_key(id));
+                    for sibling in tx_deletes {
+                        tx.delete(DEAD, seq_key(sibling));
+                    }
                     if letter.kind == DeadKind::Resource {
                         let (Some(resource_type), Some(resource_id), Some(version)) = (
                             letter.resource_type.clone(),
@@ -416,6 +478,7 @@ impl SyncEngine {
                                 resource_type,
                                 id: resource_id,
                                 version,
+                                updated: None,
                                 body: None,
                             }],
                             &HashMap::new(),

@@ -63,11 +63,12 @@ impl JobState {
     }
 }
 
-/// Progress of a job. `queued = done + skipped + failed + entries still in the outbox`.
+/// Progress of a job. `queued` counts every resource the job took on, so
+/// `queued = done + skipped + failed + entries still in the outbox`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
 pub struct Counts {
-    /// Entries put in the outbox.
+    /// Resources the job took on (queued in the outbox, or found with nothing to do).
     pub queued: u64,
     pub done: u64,
     /// Already delivered at this version (or queued by another job), superseded by a newer
@@ -179,6 +180,10 @@ pub struct Entry {
     /// The id at the destination (differs under the `prefix` id strategy).
     pub target_id: String,
     pub version: String,
+    /// `meta.lastUpdated` of that version (microseconds), to tell an older version from a
+    /// newer one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub updated: Option<i64>,
     /// Delivery order within the job: lower tiers (referenced resources) go first.
     #[serde(default)]
     pub tier: u8,
@@ -249,6 +254,20 @@ pub struct Delivered {
     pub version: String,
     #[serde(default)]
     pub job: u64,
+    /// `meta.lastUpdated` of the version delivered (microseconds).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub updated: Option<i64>,
+}
+
+/// `meta.lastUpdated` of a resource, in microseconds.
+pub fn updated_of(resource: &Value) -> Option<i64> {
+    let text = resource.get("meta")?.get("lastUpdated")?.as_str()?;
+    crate::fhir::date::parse_range(text).map(|range| range.start)
+}
+
+/// Whether a version updated at `a` is known to be older than one updated at `b`.
+pub fn is_older(a: Option<i64>, b: Option<i64>) -> bool {
+    matches!((a, b), (Some(a), Some(b)) if a < b)
 }
 
 /// Delivery tier of a resource type: resources that others point at go first, so a

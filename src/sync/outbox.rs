@@ -12,8 +12,8 @@ use serde_json::Value;
 use tokio::sync::Notify;
 
 use super::model::{
-    seq_key, tier, DeadKind, DeadLetter, Delivered, Entry, Job, JobState, DEAD, DELIVERED, ENTRIES,
-    JOBS, META, META_SEQ,
+    is_older, seq_key, tier, DeadKind, DeadLetter, Delivered, Entry, Job, JobState, DEAD,
+    DELIVERED, ENTRIES, JOBS, META, META_SEQ,
 };
 use super::SyncEngine;
 use crate::store::{KvOp, StoreError};
@@ -112,6 +112,7 @@ pub(super) struct Candidate {
     pub resource_type: String,
     pub id: String,
     pub version: String,
+    pub updated: Option<i64>,
     pub body: Option<Value>,
 }
 
@@ -119,6 +120,7 @@ pub(super) struct Candidate {
 pub(super) enum Settled {
     Done {
         version: String,
+        updated: Option<i64>,
         /// Found at the destination rather than written now.
         verified: bool,
     },
@@ -207,13 +209,20 @@ impl Tx<'_> {
                 let Some(waiting) = lane.entries.get(&old) else {
                     continue;
                 };
-                if waiting.entry.version == candidate.version {
-                    if waiting.entry.job == job_id {
+                let theirs = waiting.entry.job != job_id;
+                if waiting.entry.version == candidate.version && waiting.entry.source == source {
+                    if !theirs {
                         continue;
                     }
                     // Another job's entry carries this version: queue behind it, and settle
                     // with its outcome (see `settle`), so this job finishes only once the
                     // version is really there.
+                } else if is_older(candidate.updated, waiting.entry.updated) {
+                    // A newer version already waits (this one was read earlier).
+                    if theirs {
+                        skip(jobs, job_id, &candidate.resource_type, &candidate.id);
+                    }
+                    continue;
                 } else if !waiting.in_flight {
                     // Superseded before it went out: the newer version replaces it.
                     if let Some(old_entry) = lane.entries.remove(&old).map(|q| q.entry) {
@@ -228,7 +237,9 @@ impl Tx<'_> {
                     }
                 }
             } else if let Some(done) = delivered.get(&key) {
-                if done.version == candidate.version && done.source == source {
+                let same = done.version == candidate.version && done.source == source;
+                if same || is_older(candidate.updated, done.updated) {
+                    // Delivered already, at this version or a newer one.
                     if done.job != job_id {
                         skip(jobs, job_id, &candidate.resource_type, &candidate.id);
                     }
@@ -247,6 +258,7 @@ impl Tx<'_> {
                 id: candidate.id,
                 target_id,
                 version: candidate.version,
+                updated: candidate.updated,
                 attempts: 0,
                 not_before: 0,
                 last_error: None,
@@ -281,15 +293,31 @@ impl Tx<'_> {
         let now = now_millis();
         for (seq, settled) in results {
             let lane = self.lane(destination);
+            let Some(this) = lane.entries.get(&seq) else {
+                continue;
+            };
+            let key = this.key.clone();
+            // A different version waits behind this one: it replaces a retry.
+            let superseded = lane.keys.get(&key).is_some_and(|seqs| {
+                seqs.iter().any(|other| {
+                    *other != seq
+                        && lane.entries.get(other).is_some_and(|q| {
+                            q.entry.source != this.entry.source
+                                || q.entry.version != this.entry.version
+                        })
+                })
+            });
+            lane.busy.remove(&key);
             let Some(queued) = lane.entries.get_mut(&seq) else {
                 continue;
             };
             queued.in_flight = false;
-            let key = queued.key.clone();
-            lane.busy.remove(&key);
-            let superseded = lane.keys.get(&key).and_then(|seqs| seqs.last()) != Some(&seq);
             match settled {
-                Settled::Done { version, verified } => {
+                Settled::Done {
+                    version,
+                    updated,
+                    verified,
+                } => {
                     let entry = self.remove(destination, seq);
                     let Some(entry) = entry else { continue };
                     self.put(
@@ -299,6 +327,7 @@ impl Tx<'_> {
                             source: entry.source.clone(),
                             version: version.clone(),
                             job: entry.job,
+                            updated,
                         },
                     );
                     count(destination, &entry.resource_type, "done");
@@ -308,7 +337,7 @@ impl Tx<'_> {
                         slot.job.type_counts(&entry.resource_type).done += 1;
                         slot.record(&entry, true, None);
                     }
-                    self.settle_followers(destination, &key, &version);
+                    self.settle_followers(destination, &key, &entry.source, &version, updated);
                 }
                 Settled::Gone => {
                     if let Some(entry) = self.remove(destination, seq) {
@@ -363,9 +392,17 @@ impl Tx<'_> {
         }
     }
 
-    /// Other entries for a resource just delivered at `version` (another job's, or one whose
-    /// source read found the newer version already) need not go out again.
-    fn settle_followers(&mut self, destination: &str, key: &str, version: &str) {
+    /// Other entries for a resource just delivered at `version` need not go out: those of the
+    /// same version (another job's), and those of an older one (read before the delivery's
+    /// own, fresher, read of the source).
+    fn settle_followers(
+        &mut self,
+        destination: &str,
+        key: &str,
+        source: &str,
+        version: &str,
+        updated: Option<i64>,
+    ) {
         let lane = self.lane(destination);
         let same: Vec<u64> = lane
             .keys
@@ -374,9 +411,11 @@ impl Tx<'_> {
             .flatten()
             .copied()
             .filter(|seq| {
-                lane.entries
-                    .get(seq)
-                    .is_some_and(|q| !q.in_flight && q.entry.version == version)
+                lane.entries.get(seq).is_some_and(|q| {
+                    !q.in_flight
+                        && ((q.entry.version == version && q.entry.source == source)
+                            || is_older(q.entry.updated, updated))
+                })
             })
             .collect();
         for seq in same {
@@ -409,7 +448,7 @@ impl Tx<'_> {
         Some(entry)
     }
 
-    fn dead_letter(
+    pub fn dead_letter(
         &mut self,
         destination: &str,
         seq: u64,
@@ -571,6 +610,7 @@ pub(super) fn forget(lane: &mut Lane, key: &str, seq: u64) {
 
 fn skip(jobs: &mut BTreeMap<u64, JobSlot>, job: u64, resource_type: &str, id: &str) {
     if let Some(slot) = jobs.get_mut(&job) {
+        slot.job.counts.queued += 1;
         slot.job.counts.skipped += 1;
         slot.job.type_counts(resource_type).skipped += 1;
         if let Some(results) = &mut slot.results {
@@ -613,8 +653,12 @@ impl SyncEngine {
         change: impl FnOnce(&mut Tx<'_>, Vec<Option<Bytes>>) -> R,
     ) -> Result<R, StoreError> {
         let _one_at_a_time = self.commit.lock().await;
+        if self.broken.load(std::sync::atomic::Ordering::SeqCst) {
+            // A commit was given up on: later changes must not reach the store without it.
+            return Err(StoreError::Closed);
+        }
         let found = match read {
-            Some((space, keys)) => self.store.kv_get(space, keys).await?,
+            Some((space, keys)) => self.read_durably(space, keys).await?,
             None => Vec::new(),
         };
         let (result, ops) = {
@@ -639,18 +683,46 @@ impl SyncEngine {
 
     /// Memory already holds the change, so the store must get it too: a failed commit is
     /// retried, in order (the records are idempotent puts and deletes). Only a closed store,
-    /// or a store still failing at shutdown, ends the attempts; the next start then reloads
-    /// what was committed.
+    /// or a store still failing at shutdown, ends the attempts; then no later change commits
+    /// either, and the next start reloads what was committed.
     async fn commit_durably(&self, ops: Vec<KvOp>) -> Result<(), StoreError> {
+        let result = self
+            .with_store_retries("sync state not committed", || {
+                self.store.kv_apply(ops.clone())
+            })
+            .await;
+        if result.is_err() {
+            self.broken.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+        result
+    }
+
+    /// Reads sync records, retrying a failing store like [`SyncEngine::commit_durably`].
+    async fn read_durably(
+        &self,
+        space: &'static str,
+        keys: Vec<String>,
+    ) -> Result<Vec<Option<Bytes>>, StoreError> {
+        self.with_store_retries("sync state not read", || {
+            self.store.kv_get(space, keys.clone())
+        })
+        .await
+    }
+
+    async fn with_store_retries<T, F, Fut>(&self, what: &str, call: F) -> Result<T, StoreError>
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = Result<T, StoreError>>,
+    {
         let mut wait = Duration::from_millis(10);
         let mut failures = 0u32;
         loop {
-            match self.store.kv_apply(ops.clone()).await {
-                Ok(()) => return Ok(()),
+            match call().await {
+                Ok(value) => return Ok(value),
                 Err(StoreError::Closed) => return Err(StoreError::Closed),
                 Err(e) => {
                     failures += 1;
-                    tracing::error!(error = %e, failures, "sync state not committed; retrying");
+                    tracing::error!(error = %e, failures, "{what}; retrying");
                     if self.is_shutting_down() && failures >= 3 {
                         return Err(e);
                     }
@@ -673,4 +745,136 @@ pub(super) fn now_millis() -> i64 {
 
 pub(super) fn now_rfc3339() -> String {
     crate::fhir::date::format_instant(crate::fhir::date::now_micros())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sync::model::{Counts, Scope};
+
+    fn state_with_jobs(ids: &[u64]) -> State {
+        let mut state = State::default();
+        for &id in ids {
+            let job = Job {
+                id,
+                source: "ehr".into(),
+                destination: "store".into(),
+                scope: Scope::Types {
+                    types: vec!["Patient".into()],
+                    since: None,
+                },
+                state: JobState::Expanding,
+                counts: Counts::default(),
+                types: BTreeMap::new(),
+                created: now_rfc3339(),
+                expanded: None,
+                finished: None,
+                cursor: None,
+                missing: Vec::new(),
+                errors: Vec::new(),
+            };
+            state.jobs.insert(id, JobSlot::new(job, false));
+        }
+        state
+    }
+
+    fn tx(state: &mut State) -> Tx<'_> {
+        let seq_before = state.next_seq;
+        Tx {
+            state,
+            ops: Vec::new(),
+            touched: BTreeSet::new(),
+            lanes_touched: BTreeSet::new(),
+            seq_before,
+        }
+    }
+
+    fn patient(version: &str, updated: i64) -> Candidate {
+        Candidate {
+            resource_type: "Patient".into(),
+            id: "p".into(),
+            version: version.into(),
+            updated: Some(updated),
+            body: None,
+        }
+    }
+
+    fn waiting_versions(state: &State) -> Vec<String> {
+        state.lanes["store"]
+            .entries
+            .values()
+            .map(|q| q.entry.version.clone())
+            .collect()
+    }
+
+    #[test]
+    fn an_older_version_read_later_does_not_replace_a_newer_one() {
+        let mut state = state_with_jobs(&[1, 2]);
+        let mut change = tx(&mut state);
+        assert_eq!(
+            change.enqueue(1, None, vec![patient("2", 200)], &HashMap::new()),
+            1
+        );
+        assert_eq!(
+            change.enqueue(2, None, vec![patient("1", 100)], &HashMap::new()),
+            0
+        );
+        drop(change);
+        assert_eq!(waiting_versions(&state), ["2"]);
+        let late = &state.jobs[&2].job.counts;
+        assert_eq!((late.queued, late.skipped), (1, 1));
+        assert_eq!(late.outstanding(), 0);
+    }
+
+    #[test]
+    fn a_newer_version_replaces_a_waiting_one_and_the_same_version_queues_behind() {
+        let mut state = state_with_jobs(&[1, 2, 3]);
+        let mut change = tx(&mut state);
+        change.enqueue(1, None, vec![patient("1", 100)], &HashMap::new());
+        change.enqueue(2, None, vec![patient("2", 200)], &HashMap::new());
+        change.enqueue(3, None, vec![patient("2", 200)], &HashMap::new());
+        drop(change);
+        assert_eq!(waiting_versions(&state), ["2", "2"]);
+        let first = &state.jobs[&1].job.counts;
+        assert_eq!(
+            (first.queued, first.skipped, first.outstanding()),
+            (1, 1, 0)
+        );
+        assert!(state.jobs[&1].tiers.is_empty(), "job 1 has nothing left");
+        assert_eq!(
+            state.jobs[&3].job.counts.outstanding(),
+            1,
+            "job 3 waits behind job 2"
+        );
+    }
+
+    #[test]
+    fn what_was_delivered_at_this_version_or_later_is_not_queued_again() {
+        let mut state = state_with_jobs(&[1]);
+        let delivered = HashMap::from([(
+            "Patient/p".to_owned(),
+            Delivered {
+                source: "ehr".into(),
+                version: "2".into(),
+                job: 7,
+                updated: Some(200),
+            },
+        )]);
+        let mut change = tx(&mut state);
+        assert_eq!(
+            change.enqueue(1, None, vec![patient("2", 200)], &delivered),
+            0
+        );
+        assert_eq!(
+            change.enqueue(1, None, vec![patient("1", 100)], &delivered),
+            0
+        );
+        assert_eq!(
+            change.enqueue(1, None, vec![patient("3", 300)], &delivered),
+            1
+        );
+        drop(change);
+        let counts = &state.jobs[&1].job.counts;
+        assert_eq!((counts.queued, counts.skipped), (3, 2));
+    }
 }

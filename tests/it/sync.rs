@@ -748,6 +748,35 @@ async fn the_facade_reads_a_source_through_the_gateway() {
         .map(|(_, value)| value.as_str())
         .collect();
     assert_eq!(practices, ["Organization/a-1.Practice-195900"]);
+    // Also in a search by POST: the caller's practice leaves the form body, ours is added.
+    let response = app
+        .client
+        .post(app.fhir("/athena/Patient/_search"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body("family=x&ah-practice=Organization%2Fa-1.Practice-1")
+        .send()
+        .await
+        .expect("POST _search");
+    drop(response);
+    let last = athena.last_request().expect("request");
+    assert_eq!(last.path, "/fhir/r4/Patient/_search");
+    assert_eq!(&last.body[..], b"family=x");
+    assert_eq!(
+        last.query_value("ah-practice"),
+        Some("Organization/a-1.Practice-195900")
+    );
+    assert_eq!(
+        last.headers
+            .get("content-type")
+            .and_then(|v| v.to_str().ok()),
+        Some("application/x-www-form-urlencoded")
+    );
+    // An id of another practice is not read with our credentials.
+    let sent_before = athena.requests();
+    let (status, outcome) = json(app.get("/athena/Patient/a-999.E-1").await).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{outcome}");
+    crate::helpers::assert_outcome(&outcome, "forbidden", None);
+    assert_eq!(athena.requests(), sent_before);
     // An unknown id at the source answers the source's 404 OperationOutcome.
     let (status, outcome) = json(app.get("/athena/Patient/nope").await).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
