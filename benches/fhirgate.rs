@@ -14,6 +14,10 @@ use fhirgate::fhir::{SchemaValidator, SearchRegistry};
 use fhirgate::store::{Action, EmbeddedStore, Mutation, Store};
 use serde_json::{json, Value};
 
+/// The allocator the binary uses.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn patient(id: &str) -> Value {
     json!({
         "resourceType": "Patient",

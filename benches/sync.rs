@@ -24,6 +24,10 @@ use bytes::Bytes;
 use fhirgate::config::{Config, DestinationConfig, DestinationKind, SourceConfig, SourceKind};
 use serde_json::{json, Value};
 
+/// The allocator the binary uses.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const PAGE: usize = 500;
 
 /// Synthea resources with `urn:uuid:` references resolved, copied `copies` times with ids

@@ -72,6 +72,11 @@ enum PolicyCommand {
     },
 }
 
+/// mimalloc: under many threads it allocates without the lock contention of the system
+/// allocator (sync throughput +20–70% on two cores, see `benches/sync.rs`).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
