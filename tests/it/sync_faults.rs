@@ -111,12 +111,15 @@ async fn failing_and_timing_out_writes_lose_nothing_and_duplicate_nothing() {
     let app = TestApp::start_with(|config| {
         quick_retries(config);
         config.sources.insert("ehr".into(), source);
-        config.destinations.insert("azure".into(), azure_config);
+        // Its own name: metrics are process-wide, and other tests sync to "azure" too.
+        config
+            .destinations
+            .insert("azure-faults".into(), azure_config);
     })
     .await;
     let job = run_job(
         &app,
-        json!({"source": "ehr", "destination": "azure", "types": types_of(&all)}),
+        json!({"source": "ehr", "destination": "azure-faults", "types": types_of(&all)}),
     )
     .await;
     assert_eq!(job["state"], "completed-with-errors", "{job}");
@@ -167,10 +170,10 @@ async fn failing_and_timing_out_writes_lose_nothing_and_duplicate_nothing() {
 
     let metrics = crate::helpers::metrics(&app).await;
     for name in [
-        "fhirgate_remote_requests_total{remote=\"azure\",status=\"error\"}",
-        "fhirgate_sync_resources_total{destination=\"azure\",type=\"Observation\",outcome=\"done\"}",
+        "fhirgate_remote_requests_total{remote=\"azure-faults\",status=\"error\"}",
+        "fhirgate_sync_resources_total{destination=\"azure-faults\",type=\"Observation\",outcome=\"done\"}",
         "fhirgate_sync_dead_letters_total",
-        "fhirgate_sync_queue_depth{destination=\"azure\"} 0",
+        "fhirgate_sync_queue_depth{destination=\"azure-faults\"} 0",
         "fhirgate_sync_batch_duration_seconds",
         "fhirgate_sync_verified_total",
     ] {
@@ -248,7 +251,7 @@ async fn token_trouble_is_retried_refused_tokens_are_refreshed_and_a_dead_endpoi
     let azure_config = azure_destination(&azure);
     let app = TestApp::start_with(|config| {
         quick_retries(config);
-        config.sources.insert("openemr".into(), source);
+        config.sources.insert("openemr-tokens".into(), source);
         config.destinations.insert("azure".into(), azure_config);
     })
     .await;
@@ -257,7 +260,7 @@ async fn token_trouble_is_retried_refused_tokens_are_refreshed_and_a_dead_endpoi
     source_double.fail_token_requests(500, Some(2));
     let job = run_job(
         &app,
-        json!({"source": "openemr", "destination": "azure", "types": "Patient"}),
+        json!({"source": "openemr-tokens", "destination": "azure", "types": "Patient"}),
     )
     .await;
     assert_eq!(job["state"], "completed", "{job}");
@@ -270,7 +273,7 @@ async fn token_trouble_is_retried_refused_tokens_are_refreshed_and_a_dead_endpoi
     let azure_tokens = azure.token_requests();
     let job = run_job(
         &app,
-        json!({"source": "openemr", "destination": "azure", "types": "Observation"}),
+        json!({"source": "openemr-tokens", "destination": "azure", "types": "Observation"}),
     )
     .await;
     assert_eq!(job["state"], "completed", "{job}");
@@ -282,7 +285,7 @@ async fn token_trouble_is_retried_refused_tokens_are_refreshed_and_a_dead_endpoi
     source_double.fail_token_requests(401, None);
     let job = run_job(
         &app,
-        json!({"source": "openemr", "destination": "azure", "types": "Condition"}),
+        json!({"source": "openemr-tokens", "destination": "azure", "types": "Condition"}),
     )
     .await;
     assert_eq!(job["state"], "completed-with-errors", "{job}");
@@ -300,7 +303,7 @@ async fn token_trouble_is_retried_refused_tokens_are_refreshed_and_a_dead_endpoi
         "{page}"
     );
     let metrics = crate::helpers::metrics(&app).await;
-    assert!(metrics.contains("fhirgate_remote_auth_failures_total{remote=\"openemr\"}"));
+    assert!(metrics.contains("fhirgate_remote_auth_failures_total{remote=\"openemr-tokens\"}"));
 
     // Retrying after the endpoint recovers reads the page and completes the job.
     source_double.clear_token_fault();
