@@ -7,6 +7,8 @@
 //! it as CDS Hooks / Da Vinci CRD services defined in `hooks/`. [`remote`] holds the outbound
 //! FHIR clients (EHR sources, Azure and other destinations) and [`sync`] the durable outbox that
 //! moves resources between them; configured sources are also readable under `/fhir/{source}/`.
+//! [`pas`] answers Da Vinci PAS `Claim/$submit` and `$inquire` from the same determination and
+//! notifies subscribers; [`packet`] renders prior-authorization packets as PDFs.
 //! [`config`] is read once at startup. [`run`] ties them together: it takes an already-bound
 //! listener and a shutdown future, so tests start a real server on `127.0.0.1:0`.
 
@@ -15,6 +17,8 @@ pub mod config;
 pub mod fhir;
 pub mod http;
 pub mod pa;
+pub mod packet;
+pub mod pas;
 pub mod remote;
 pub mod server;
 pub mod store;
@@ -64,8 +68,11 @@ impl App {
             )
             .with_context(|| format!("opening the store in {}", config.store.data_dir.display()))?,
         );
-        let remotes =
+        let mut remotes =
             remote::Remotes::build(config, store.clone(), schema.clone(), search.clone())?;
+        pas::subscription::prepare(&store, &mut remotes)
+            .await
+            .context("loading PAS subscriptions")?;
         let engine = sync::SyncEngine::start(store.clone(), &remotes, config.sync.clone())
             .await
             .context("starting the sync engine")?;
@@ -81,6 +88,14 @@ impl App {
             base_url: format!("{}/fhir", public_base.trim_end_matches('/')),
             max_body_bytes: config.server.max_body_bytes,
         });
+        let pas = Arc::new(pas::PasApi::new(
+            store.clone(),
+            policies.clone(),
+            schema.clone(),
+            engine.clone(),
+            public_base,
+            config.server.max_body_bytes,
+        ));
         let fhir = Arc::new(FhirApi::new(
             store.clone(),
             schema,
@@ -117,11 +132,16 @@ impl App {
         });
         let routes = server::router(fhir)
             .merge(cds::router(cds))
+            .merge(pas::router(pas.clone()))
             .merge(sync::router(sync_api.clone()))
             .merge(http::ops_router(store.clone()))
             .layer(axum::middleware::from_fn_with_state(
                 proxies,
                 server::proxy::route_to_source,
+            ))
+            .layer(axum::middleware::from_fn_with_state(
+                pas,
+                pas::subscription::intercept_create,
             ));
         Ok(Self {
             router: http::app(routes, &config.server),

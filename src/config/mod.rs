@@ -158,6 +158,10 @@ pub enum UpsertMode {
     Id,
     /// `PUT Type?identifier=system|value` (first identifier with both), else by id.
     Identifier,
+    /// `POST Type` (the destination assigns the id) with `If-None-Exist` on the first
+    /// identifier, so a retry never creates twice: for EHRs that accept new documents but not
+    /// client-assigned ids.
+    Create,
 }
 
 /// A FHIR store fhirgate writes to.

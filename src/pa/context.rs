@@ -167,6 +167,28 @@ impl ClinicalContext {
                     });
                 }
             }
+            "Claim" => {
+                // A claim's diagnoses are the problems the provider submits the request for
+                // (PAS): they count as active conditions.
+                for (n, diagnosis) in resource["diagnosis"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .enumerate()
+                {
+                    let codes = codings(&diagnosis["diagnosisCodeableConcept"]);
+                    if codes.is_empty() {
+                        continue;
+                    }
+                    self.supplied.conditions = true;
+                    self.conditions.push(Item {
+                        reference: format!("{reference}#diagnosis[{n}]"),
+                        codes,
+                        start: None,
+                        end: None,
+                    });
+                }
+            }
             "Procedure" => {
                 self.supplied.procedures = true;
                 if !matches!(

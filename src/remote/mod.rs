@@ -5,6 +5,7 @@
 
 mod embedded;
 pub mod oauth;
+mod rest_hook;
 
 use std::collections::BTreeMap;
 use std::num::NonZeroU32;
@@ -17,6 +18,7 @@ use serde_json::Value;
 
 pub use embedded::{EmbeddedSink, EmbeddedSource};
 pub use oauth::{ClientCredentials, TokenProvider};
+pub use rest_hook::RestHookSink;
 
 use crate::config::{
     Config, DestinationConfig, DestinationKind, SourceConfig, SourceKind, UpsertMode,
@@ -592,11 +594,8 @@ impl RemoteFhir {
     }
 
     async fn put_one(&self, item: &Outgoing) -> Delivery {
-        let url = match self.write_url(item) {
-            Ok(url) => url,
-            Err(delivery) => return delivery,
-        };
-        let body = match serde_json::to_vec(&*self.write_body(item, &url)) {
+        let target = self.write_target(item);
+        let body = match serde_json::to_vec(&*self.write_body(item, &target)) {
             Ok(body) => Bytes::from(body),
             Err(e) => {
                 return Delivery::Reject {
@@ -606,8 +605,21 @@ impl RemoteFhir {
                 }
             }
         };
+        let mut headers = vec![minimal()];
+        let method = match &target {
+            WriteTarget::Put(_) => Method::PUT,
+            WriteTarget::Create { if_none_exist, .. } => {
+                if let Some(value) = if_none_exist
+                    .as_deref()
+                    .and_then(|q| http::HeaderValue::from_str(q).ok())
+                {
+                    headers.push((http::HeaderName::from_static("if-none-exist"), value));
+                }
+                Method::POST
+            }
+        };
         match self
-            .send(Method::PUT, &self.url(&url), Some(body), &[minimal()])
+            .send(method, &self.url(target.url()), Some(body), &headers)
             .await
         {
             Ok(response) => match json_or_error(&self.name, response).await {
@@ -618,18 +630,34 @@ impl RemoteFhir {
         }
     }
 
-    /// The relative URL of a write: `Type/id`, or a conditional `Type?identifier=…`.
-    fn write_url(&self, item: &Outgoing) -> Result<String, Delivery> {
-        Ok(match (self.upsert, identifier_query(&item.resource)) {
-            (UpsertMode::Identifier, Some(query)) => format!("{}?{query}", item.resource_type),
-            _ => format!("{}/{}", item.resource_type, item.id),
-        })
+    /// How a resource is written: `PUT Type/id`, a conditional `PUT Type?identifier=…`, or a
+    /// `POST Type` create guarded by `If-None-Exist`.
+    fn write_target(&self, item: &Outgoing) -> WriteTarget {
+        let query = identifier_query(&item.resource);
+        match (self.upsert, query) {
+            (UpsertMode::Identifier, Some(query)) => {
+                WriteTarget::Put(format!("{}?{query}", item.resource_type))
+            }
+            (UpsertMode::Create, if_none_exist) => WriteTarget::Create {
+                url: item.resource_type.clone(),
+                if_none_exist,
+            },
+            _ => WriteTarget::Put(format!("{}/{}", item.resource_type, item.id)),
+        }
     }
 
-    /// The body of a write to `url`. A conditional update by identifier goes without `id`:
+    /// The body of a write. A conditional update by identifier and a create go without `id`:
     /// the destination keeps its own ids (FHIR refuses a body id that differs from the match).
-    fn write_body<'a>(&self, item: &'a Outgoing, url: &str) -> std::borrow::Cow<'a, Value> {
-        if url.contains('?') {
+    fn write_body<'a>(
+        &self,
+        item: &'a Outgoing,
+        target: &WriteTarget,
+    ) -> std::borrow::Cow<'a, Value> {
+        let conditional = match target {
+            WriteTarget::Put(url) => url.contains('?'),
+            WriteTarget::Create { .. } => true,
+        };
+        if conditional {
             let mut copy = item.resource.clone();
             if let Some(object) = copy.as_object_mut() {
                 object.remove("id");
@@ -665,8 +693,7 @@ impl RemoteFhir {
     /// One Bundle; also says whether the destination refused it as a whole in a way that
     /// splitting it may get past.
     async fn post_bundle(&self, batch: &[Outgoing]) -> (Vec<Delivery>, bool) {
-        let mut failed: Vec<Option<Delivery>> = vec![None; batch.len()];
-        let body = match self.bundle_body(batch, &mut failed) {
+        let body = match self.bundle_body(batch) {
             Ok(body) => body,
             Err(e) => {
                 let reason = format!("cannot encode the Bundle: {e}");
@@ -688,45 +715,26 @@ impl RemoteFhir {
             Ok(response) => json_or_error(&self.name, response).await,
             Err(e) => Err(e),
         };
-        let sent = failed.iter().filter(|f| f.is_none()).count();
         let refused = matches!(
             &answer,
             Err(RemoteError::Status {
                 status: 400 | 409 | 412 | 413 | 422,
                 ..
             })
-        ) && sent > 1;
-        let mut results = match answer {
-            Ok(bundle) => bundle_results(&bundle, sent),
+        ) && batch.len() > 1;
+        let results = match answer {
+            Ok(bundle) => bundle_results(&bundle, batch.len()),
             Err(e) => {
                 // The Bundle failed as a whole; each entry shares the answer.
-                let delivery = Delivery::from_error(&e);
-                vec![delivery; sent]
+                vec![Delivery::from_error(&e); batch.len()]
             }
-        }
-        .into_iter();
-        let results = failed
-            .into_iter()
-            .map(|f| {
-                f.unwrap_or_else(|| {
-                    results.next().unwrap_or(Delivery::Retry {
-                        reason: "the response Bundle has fewer entries than the request".into(),
-                        after: None,
-                        uncertain: true,
-                    })
-                })
-            })
-            .collect();
+        };
         (results, refused)
     }
 
-    /// A batch (or transaction) Bundle of `PUT`s, written straight from the resources without
-    /// copying them. Entries that cannot be sent are marked in `failed`.
-    fn bundle_body(
-        &self,
-        batch: &[Outgoing],
-        failed: &mut [Option<Delivery>],
-    ) -> Result<Bytes, serde_json::Error> {
+    /// A batch (or transaction) Bundle of writes, written straight from the resources without
+    /// copying them.
+    fn bundle_body(&self, batch: &[Outgoing]) -> Result<Bytes, serde_json::Error> {
         use std::io::Write;
         let kind = if self.transaction {
             "transaction"
@@ -739,14 +747,8 @@ impl RemoteFhir {
             r#"{{"resourceType":"Bundle","type":"{kind}","entry":["#
         );
         let mut first = true;
-        for (i, item) in batch.iter().enumerate() {
-            let url = match self.write_url(item) {
-                Ok(url) => url,
-                Err(delivery) => {
-                    failed[i] = Some(delivery);
-                    continue;
-                }
-            };
+        for item in batch {
+            let target = self.write_target(item);
             if !first {
                 out.push(b',');
             }
@@ -757,10 +759,19 @@ impl RemoteFhir {
                 &format!("{}/{}/{}", self.base, item.resource_type, item.id),
             )?;
             out.extend_from_slice(br#","resource":"#);
-            serde_json::to_writer(&mut out, &*self.write_body(item, &url))?;
-            out.extend_from_slice(br#","request":{"method":"PUT","url":"#);
-            serde_json::to_writer(&mut out, &url)?;
-            out.extend_from_slice(b"}}");
+            serde_json::to_writer(&mut out, &*self.write_body(item, &target))?;
+            let request = match &target {
+                WriteTarget::Put(url) => serde_json::json!({"method": "PUT", "url": url}),
+                WriteTarget::Create { url, if_none_exist } => match if_none_exist {
+                    Some(query) => {
+                        serde_json::json!({"method": "POST", "url": url, "ifNoneExist": query})
+                    }
+                    None => serde_json::json!({"method": "POST", "url": url}),
+                },
+            };
+            out.extend_from_slice(br#","request":"#);
+            serde_json::to_writer(&mut out, &request)?;
+            out.push(b'}');
         }
         out.extend_from_slice(b"]}");
         Ok(out.into())
@@ -875,6 +886,25 @@ pub fn check_relative_path(path: &str) -> Result<(), RemoteError> {
         ))
     } else {
         Ok(())
+    }
+}
+
+/// Where and how one resource is written.
+enum WriteTarget {
+    /// `PUT` to `Type/id` or `Type?identifier=…`.
+    Put(String),
+    /// `POST` to `Type`, with `If-None-Exist` when the resource has an identifier.
+    Create {
+        url: String,
+        if_none_exist: Option<String>,
+    },
+}
+
+impl WriteTarget {
+    fn url(&self) -> &str {
+        match self {
+            Self::Put(url) | Self::Create { url, .. } => url,
+        }
     }
 }
 

@@ -25,6 +25,28 @@ pub async fn metadata(
     Ok(json_response(StatusCode::OK, &api.capability))
 }
 
+/// Da Vinci PAS's operations on Claim, and Subscriptions (R4 backport) on the PAS topic.
+fn add_operations(resource_type: &str, resource: &mut Value) {
+    match resource_type {
+        "Claim" => {
+            resource["operation"] = json!([
+                {"name": "submit", "definition": "http://hl7.org/fhir/us/davinci-pas/OperationDefinition/Claim-submit"},
+                {"name": "inquire", "definition": "http://hl7.org/fhir/us/davinci-pas/OperationDefinition/Claim-inquiry"},
+            ]);
+        }
+        "Subscription" => {
+            resource["extension"] = json!([{
+                "url": "http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition/capabilitystatement-subscriptiontopic-canonical",
+                "valueCanonical": crate::pas::subscription::TOPIC,
+            }]);
+            resource["operation"] = json!([
+                {"name": "status", "definition": "http://hl7.org/fhir/uv/subscriptions-backport/OperationDefinition/backport-subscription-status"},
+            ]);
+        }
+        _ => {}
+    }
+}
+
 pub(super) fn capability_statement(
     schema: &SchemaValidator,
     search: &SearchRegistry,
@@ -56,7 +78,7 @@ pub(super) fn capability_statement(
                     .iter()
                     .map(|p| json!({"name": p.name, "type": p.kind.as_str()})),
             );
-            json!({
+            let mut resource = json!({
                 "type": rt,
                 "interaction": interactions,
                 "versioning": "versioned-update",
@@ -67,11 +89,16 @@ pub(super) fn capability_statement(
                 "conditionalUpdate": true,
                 "conditionalDelete": "not-supported",
                 "searchParam": params,
-            })
+            });
+            add_operations(rt, &mut resource);
+            resource
         })
         .collect();
     json!({
         "resourceType": "CapabilityStatement",
+        "instantiates": [
+            "http://hl7.org/fhir/uv/subscriptions-backport/CapabilityStatement/backport-subscription-server-r4"
+        ],
         "status": "active",
         "date": "2026-11-25",
         "publisher": "fhirgate",

@@ -19,7 +19,7 @@ use crate::config::FhirConfig;
 use crate::fhir::{FhirError, SchemaValidator, SearchRegistry};
 use crate::store::Store;
 
-pub use response::{json_response, store_error, FHIR_JSON};
+pub use response::{check_content_type, json_response, parse_json, store_error, FHIR_JSON};
 
 /// What the FHIR handlers share.
 pub struct FhirApi {

@@ -401,7 +401,7 @@ impl SyncEngine {
         loop {
             while reads.len() < READ_CONCURRENCY {
                 let Some(claimed) = missing.next() else { break };
-                let Some(source) = self.sources.get(&claimed.entry.source).cloned() else {
+                let Some(source) = self.source(&claimed.entry.source) else {
                     settled.push((
                         claimed.seq,
                         Settled::Reject {

@@ -60,12 +60,12 @@ impl SyncEngine {
         if job.state != JobState::Expanding {
             return;
         }
-        let Some(source) = self.sources.get(&job.source).cloned() else {
+        let Some(source) = self.source(&job.source) else {
             let message = format!("source {} is no longer configured", job.source);
             let _ = self.finish_expansion(job_id, Some(message)).await;
             return;
         };
-        if !self.sinks.contains_key(&job.destination) {
+        if !self.has_sink(&job.destination) {
             let message = format!("destination {} is no longer configured", job.destination);
             let _ = self.finish_expansion(job_id, Some(message)).await;
             return;

@@ -19,7 +19,7 @@ mod outbox;
 pub mod transform;
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::Duration;
 
 use tokio::sync::watch;
@@ -63,9 +63,11 @@ pub struct JobRequest {
 /// The engine: jobs, the outbox and the workers that empty it.
 pub struct SyncEngine {
     store: Arc<dyn Store>,
-    sources: BTreeMap<String, Arc<dyn FhirSource>>,
-    sinks: BTreeMap<String, Arc<dyn FhirSink>>,
-    destinations: BTreeMap<String, DestinationConfig>,
+    /// Sources and destinations by name; more can be added while running (a PAS
+    /// subscription's endpoint is a destination).
+    sources: RwLock<BTreeMap<String, Arc<dyn FhirSource>>>,
+    sinks: RwLock<BTreeMap<String, Arc<dyn FhirSink>>>,
+    destinations: RwLock<BTreeMap<String, DestinationConfig>>,
     config: SyncConfig,
     state: Mutex<State>,
     /// Held while a change commits, so changes reach the store in the order they were made.
@@ -89,9 +91,9 @@ impl SyncEngine {
     ) -> Result<Arc<Self>, StoreError> {
         let engine = Arc::new(Self {
             store,
-            sources: remotes.sources.clone(),
-            sinks: remotes.sinks.clone(),
-            destinations: remotes.destinations.clone(),
+            sources: RwLock::new(remotes.sources.clone()),
+            sinks: RwLock::new(remotes.sinks.clone()),
+            destinations: RwLock::new(remotes.destinations.clone()),
             config,
             state: Mutex::new(State::default()),
             commit: tokio::sync::Mutex::new(()),
@@ -101,23 +103,81 @@ impl SyncEngine {
             broken: std::sync::atomic::AtomicBool::new(false),
         });
         let resume = engine.recover().await?;
-        let mut tasks = Vec::new();
-        for (name, sink) in &engine.sinks {
-            let concurrency = engine
-                .destinations
-                .get(name)
-                .map_or(2, |d| d.concurrency.max(1));
-            tasks.push(tokio::spawn(engine.clone().run_lane(
-                name.clone(),
-                sink.clone(),
-                concurrency,
-            )));
+        let sinks: Vec<(String, Arc<dyn FhirSink>)> = engine
+            .sinks
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(name, sink)| (name.clone(), sink.clone()))
+            .collect();
+        for (name, sink) in sinks {
+            engine.spawn_lane(name, sink);
         }
-        engine.lock_tasks().extend(tasks);
         for job in resume {
             engine.spawn_expansion(job);
         }
         Ok(engine)
+    }
+
+    /// Adds (or replaces) a source while running.
+    pub fn add_source(&self, name: &str, source: Arc<dyn FhirSource>) {
+        self.sources
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(name.to_owned(), source);
+    }
+
+    /// Adds a destination while running and starts its worker. A name already in use is
+    /// left as it is.
+    pub fn add_destination(
+        self: &Arc<Self>,
+        name: &str,
+        sink: Arc<dyn FhirSink>,
+        config: DestinationConfig,
+    ) {
+        {
+            let mut sinks = self.sinks.write().unwrap_or_else(|p| p.into_inner());
+            if sinks.contains_key(name) {
+                return;
+            }
+            sinks.insert(name.to_owned(), sink.clone());
+        }
+        self.destinations
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(name.to_owned(), config);
+        self.spawn_lane(name.to_owned(), sink);
+    }
+
+    fn spawn_lane(self: &Arc<Self>, name: String, sink: Arc<dyn FhirSink>) {
+        let concurrency = self
+            .destination_config(&name)
+            .map_or(2, |d| d.concurrency.max(1));
+        let handle = tokio::spawn(self.clone().run_lane(name, sink, concurrency));
+        self.lock_tasks().push(handle);
+    }
+
+    fn source(&self, name: &str) -> Option<Arc<dyn FhirSource>> {
+        self.sources
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(name)
+            .cloned()
+    }
+
+    fn has_sink(&self, name: &str) -> bool {
+        self.sinks
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(name)
+    }
+
+    fn destination_config(&self, name: &str) -> Option<DestinationConfig> {
+        self.destinations
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(name)
+            .cloned()
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -201,7 +261,7 @@ impl SyncEngine {
         let orphans: Vec<(String, u64)> = state
             .lanes
             .iter()
-            .filter(|(destination, _)| !self.sinks.contains_key(*destination))
+            .filter(|(destination, _)| !self.has_sink(destination))
             .flat_map(|(destination, lane)| {
                 lane.entries
                     .keys()
@@ -230,24 +290,25 @@ impl SyncEngine {
         if *self.shutdown.borrow() {
             return Err(SyncError::ShuttingDown);
         }
-        if !self.sources.contains_key(&request.source) {
+        if self.source(&request.source).is_none() {
+            let known = self.sources.read().unwrap_or_else(|p| p.into_inner());
             return Err(SyncError::Invalid(format!(
                 "unknown source {:?}; configured: {}",
                 request.source,
-                self.sources.keys().cloned().collect::<Vec<_>>().join(", ")
+                known.keys().cloned().collect::<Vec<_>>().join(", ")
             )));
         }
-        if !self.sinks.contains_key(&request.destination) {
+        if !self.has_sink(&request.destination) {
+            let known = self.sinks.read().unwrap_or_else(|p| p.into_inner());
             return Err(SyncError::Invalid(format!(
                 "unknown destination {:?}; configured: {}",
                 request.destination,
-                self.sinks.keys().cloned().collect::<Vec<_>>().join(", ")
+                known.keys().cloned().collect::<Vec<_>>().join(", ")
             )));
         }
         if request.source == request.destination
             && self
-                .destinations
-                .get(&request.destination)
+                .destination_config(&request.destination)
                 .is_some_and(|d| d.kind == crate::config::DestinationKind::Embedded)
             && self
                 .id_prefix(&request.source, &request.destination)
@@ -521,7 +582,7 @@ impl SyncEngine {
 
     /// The id prefix `destination` puts on what `source` sends it, if any.
     fn id_prefix(&self, source: &str, destination: &str) -> Option<String> {
-        let config = self.destinations.get(destination)?;
+        let config = self.destination_config(destination)?;
         (config.id_strategy == IdStrategy::Prefix).then(|| {
             config
                 .id_prefix

@@ -11,6 +11,8 @@ mod ehr_double;
 mod examples;
 mod ops;
 mod pa;
+mod pas;
+mod pas_subscriptions;
 mod rest;
 mod search;
 mod sync;

@@ -187,12 +187,17 @@ fn sample_policies_match_their_schema_and_lint_clean() {
             .collect();
         assert!(errors.is_empty(), "{name}: {errors:?}");
     }
-    assert_eq!(files, 3);
+    assert_eq!(files, 4);
     let set = policies();
     let names: Vec<&str> = set.payers.iter().map(|p| p.payer.name.as_str()).collect();
     assert_eq!(
         names,
-        ["Acme Health Plan", "Bluestone Insurance", "Cedar Mutual"]
+        [
+            "Acme Health Plan",
+            "Bluestone Insurance",
+            "Cedar Mutual",
+            "Maryland Capital Insurance Company"
+        ]
     );
 }
 

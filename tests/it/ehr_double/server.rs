@@ -90,6 +90,9 @@ impl Shared {
                 return self.write(request, &segments).await;
             }
             (&Method::POST, []) => return self.write(request, &segments).await,
+            (&Method::POST, [resource_type]) if is_type(resource_type) => {
+                return self.write(request, &segments).await;
+            }
             (&Method::GET, _) => Err(Failure::new(
                 404,
                 "not-found",

@@ -58,6 +58,9 @@ impl Shared {
         }
         let answer = match segments {
             [] => self.bundle(&request.body),
+            [resource_type] if request.method == Method::POST => {
+                self.create(resource_type, request)
+            }
             [resource_type] => match conditional_target(&request.query) {
                 Ok(target) => self.put(resource_type, target, &request.body),
                 Err(failure) => Err(failure),
@@ -78,6 +81,32 @@ impl Shared {
             .faults
             .hold_after
             .is_some_and(|limit| state.writes.len() >= limit)
+    }
+
+    /// `POST Type`: a new resource with a server id, unless `If-None-Exist`
+    /// (`identifier=system|value`) finds one already (then it is answered, unchanged).
+    fn create(&self, resource_type: &str, request: &RecordedRequest) -> Answer {
+        let condition = request
+            .headers
+            .get("if-none-exist")
+            .and_then(|v| v.to_str().ok())
+            .map(|q| serde_urlencoded::from_str::<Vec<(String, String)>>(q).unwrap_or_default());
+        if let Some(pairs) = condition {
+            let token = pairs
+                .iter()
+                .find(|(name, _)| name == "identifier")
+                .map(|(_, value)| value.clone())
+                .ok_or_else(|| {
+                    Failure::new(400, "not-supported", "If-None-Exist takes identifier=")
+                })?;
+            let state = self.state();
+            let found = state.with_identifier(resource_type, &token);
+            if let Some(id) = found.first() {
+                let stored = state.resources[resource_type][id].resource.clone();
+                return Ok((StatusCode::OK, stored, HeaderMap::new()));
+            }
+        }
+        self.put(resource_type, Target::Create, &request.body)
     }
 
     fn put(&self, resource_type: &str, target: Target<'_>, body: &Bytes) -> Answer {
