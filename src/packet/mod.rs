@@ -2,9 +2,10 @@
 //! requested services, the criteria checklist with evidence, rationale, provider and
 //! attestation), carrying the source FHIR Bundle as an embedded file.
 //!
-//! [`pdf`] renders a [`PacketDocument`] — plain text fields, no FHIR — so the callers that know
-//! the resources (PAS submissions, the review pipeline) decide what goes in.
+//! [`pdf`] renders a [`PacketDocument`] — plain text fields, no FHIR; [`build`] makes one from
+//! a request's resources and determinations, and the DocumentReference that carries the PDF.
 
+pub mod build;
 mod font;
 mod layout;
 pub mod pdf;

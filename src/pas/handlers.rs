@@ -30,6 +30,9 @@ pub fn router(api: Arc<PasApi>) -> Router {
         .route("/fhir/Claim/$inquire", post(inquire))
         .route("/pas/claims/{id}", get(show_claim))
         .route("/pas/claims/{id}/decision", post(reviewer_decision))
+        .route("/packets", post(super::packets::create))
+        .route("/packets/{id}", get(super::packets::pdf))
+        .route("/packets/{id}/write-back", post(super::packets::write_back))
         .route(
             "/fhir/Subscription/{id}/$status",
             get(super::subscription::status),
@@ -76,7 +79,7 @@ async fn fhir_body(
     Ok(value)
 }
 
-async fn load(api: &PasApi, id: &str) -> Result<Option<ClaimRecord>, FhirError> {
+pub(super) async fn load(api: &PasApi, id: &str) -> Result<Option<ClaimRecord>, FhirError> {
     let found = api
         .store
         .kv_get(CLAIMS, vec![id.to_owned()])

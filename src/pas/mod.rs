@@ -10,6 +10,7 @@
 pub mod check;
 pub mod decide;
 mod handlers;
+mod packets;
 pub mod respond;
 pub mod subscription;
 

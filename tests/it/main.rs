@@ -11,6 +11,7 @@ mod ehr_double;
 mod examples;
 mod ops;
 mod pa;
+mod packets;
 mod pas;
 mod pas_subscriptions;
 mod rest;

@@ -67,6 +67,41 @@ fn review_actions(bundle: &Value) -> Vec<(u64, String, Option<String>)> {
         .collect()
 }
 
+/// A ClaimResponse with its server id, times and authorization numbers replaced.
+fn stable(mut response: Value) -> Value {
+    let id = response["id"].as_str().unwrap_or_default().to_owned();
+    let text = serde_json::to_string(&response).expect("json");
+    let short: String = id
+        .chars()
+        .filter(char::is_ascii_alphanumeric)
+        .take(10)
+        .collect::<String>()
+        .to_uppercase();
+    response =
+        serde_json::from_str(&text.replace(&id, "[id]").replace(&short, "[claim]")).expect("json");
+    response["created"] = json!("[now]");
+    for item in response["item"].as_array_mut().into_iter().flatten() {
+        for extension in item["extension"].as_array_mut().into_iter().flatten() {
+            if extension["url"]
+                .as_str()
+                .is_some_and(|u| u.ends_with("itemPreAuthIssueDate"))
+            {
+                extension["valueDate"] = json!("[today]");
+            }
+            if extension["url"]
+                .as_str()
+                .is_some_and(|u| u.ends_with("itemPreAuthPeriod"))
+            {
+                extension["valuePeriod"] = json!({"start": "[today]", "end": "[today + 90 days]"});
+            }
+        }
+    }
+    if response.get("preAuthPeriod").is_some() {
+        response["preAuthPeriod"] = json!({"start": "[today]", "end": "[today + 90 days]"});
+    }
+    response
+}
+
 fn codes(bundle: &Value) -> Vec<String> {
     review_actions(bundle)
         .into_iter()
@@ -191,6 +226,10 @@ async fn a_resubmission_gets_the_same_answer_and_creates_nothing() {
     let (status, second) = submit(&app, &request).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(first, second);
+    insta::assert_json_snapshot!(
+        "referral_claim_response",
+        stable(claim_response(&first).clone())
+    );
     let id = claim_response(&first)["id"]
         .as_str()
         .expect("id")
