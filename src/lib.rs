@@ -61,10 +61,11 @@ impl App {
         let policies = Arc::new(load_policies(&config.pa.policies_dir)?);
         let search = Arc::new(SearchRegistry::new(&schema));
         let store: Arc<dyn Store> = Arc::new(
-            EmbeddedStore::open(
+            EmbeddedStore::open_with_cache(
                 &config.store.data_dir,
                 search.clone(),
                 config.server.request_timeout(),
+                config.store.cache_mb.max(1) << 20,
             )
             .with_context(|| format!("opening the store in {}", config.store.data_dir.display()))?,
         );

@@ -421,12 +421,15 @@ impl ServerConfig {
 pub struct StoreConfig {
     /// Folder for the embedded database (`fhirgate.redb`) and other state.
     pub data_dir: PathBuf,
+    /// Page cache of the embedded database, in MiB.
+    pub cache_mb: usize,
 }
 
 impl Default for StoreConfig {
     fn default() -> Self {
         Self {
             data_dir: PathBuf::from("./data"),
+            cache_mb: 128,
         }
     }
 }
@@ -536,6 +539,7 @@ impl Config {
                     self.server.shutdown_grace_secs = parse(&value).map_err(bad)?
                 }
                 "store__data_dir" => self.store.data_dir = PathBuf::from(&value),
+                "store__cache_mb" => self.store.cache_mb = parse(&value).map_err(bad)?,
                 "fhir__validate" => self.fhir.validate = parse(&value).map_err(bad)?,
                 "fhir__schema_path" => self.fhir.schema_path = Some(PathBuf::from(&value)),
                 "fhir__default_page_size" => {

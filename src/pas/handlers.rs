@@ -160,7 +160,7 @@ async fn submit(
         identifier: request.identifier.clone(),
         claim_id: request.claim["id"].as_str().unwrap_or("claim").to_owned(),
         payer: payer.payer.name.clone(),
-        request: bundle.clone(),
+        request: Value::Null,
         items: Vec::new(),
         history: Vec::new(),
         updates: Vec::new(),
@@ -170,6 +170,9 @@ async fn submit(
         patient_keys: patient_keys(&request),
         provider_keys: request.provider.map(identifier_keys).unwrap_or_default(),
     };
+    // The request is done with: the Bundle moves into the record rather than being copied.
+    drop(request);
+    record.request = bundle;
     record.apply(decisions, &now);
     let reference_key = format!("ref|Claim/{}", record.claim_id);
     save(&api, &record, &[key, reference_key]).await?;

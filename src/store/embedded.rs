@@ -89,6 +89,10 @@ enum JobResult {
     Kv,
 }
 
+/// The page cache when none is configured: redb's own default (1 GiB) would let memory grow
+/// far past what a gateway should hold.
+pub const DEFAULT_CACHE_BYTES: usize = 128 << 20;
+
 impl EmbeddedStore {
     /// Opens (or creates) `fhirgate.redb` under `data_dir`. After an unclean shutdown redb
     /// repairs the file on open; committed transactions survive. A write that waits in the queue
@@ -98,8 +102,23 @@ impl EmbeddedStore {
         registry: Arc<SearchRegistry>,
         write_timeout: Duration,
     ) -> Result<Self, StoreError> {
+        Self::open_with_cache(data_dir, registry, write_timeout, DEFAULT_CACHE_BYTES)
+    }
+
+    /// Like [`EmbeddedStore::open`], with the page cache bounded at `cache_bytes`.
+    pub fn open_with_cache(
+        data_dir: &Path,
+        registry: Arc<SearchRegistry>,
+        write_timeout: Duration,
+        cache_bytes: usize,
+    ) -> Result<Self, StoreError> {
         std::fs::create_dir_all(data_dir).map_err(backend)?;
-        let db = Arc::new(Database::create(data_dir.join("fhirgate.redb")).map_err(backend)?);
+        let db = Arc::new(
+            redb::Builder::new()
+                .set_cache_size(cache_bytes)
+                .create(data_dir.join("fhirgate.redb"))
+                .map_err(backend)?,
+        );
         {
             // Create every table up front so read transactions never find one missing.
             let txn = db.begin_write().map_err(backend)?;

@@ -574,3 +574,60 @@ async fn bad_requests_are_one_operation_outcome_each() {
         assert_outcome(&outcome, code, None);
     }
 }
+
+/// The IG's referral request, sent to `payer` for a CPAP device, with `ahi` (if any) from a
+/// sleep study ten days ago.
+fn cpap_request(payer: &str, identifier: &str, ahi: Option<u32>) -> Value {
+    let mut request = example("Bundle-ReferralAuthorizationBundleExample.json");
+    let claim = &mut request["entry"][0]["resource"];
+    claim["identifier"][0]["value"] = json!(identifier);
+    claim["item"][0]["productOrService"] = json!({"coding": [{
+        "system": "http://www.cms.gov/Medicare/Coding/HCPCSReleaseCodeSets", "code": "E0601"}]});
+    let entries = request["entry"].as_array_mut().expect("entries");
+    for entry in entries.iter_mut() {
+        if entry["resource"]["id"] == "InsurerExample" {
+            entry["resource"]["name"] = json!(payer);
+            entry["resource"]["identifier"] = json!([{"system": "urn:test:payer", "value": payer}]);
+        }
+    }
+    if let Some(ahi) = ahi {
+        let taken = time::OffsetDateTime::now_utc().date() - time::Duration::days(10);
+        entries.push(json!({
+            "fullUrl": "http://example.org/fhir/Observation/sleep-study",
+            "resource": {
+                "resourceType": "Observation", "id": "sleep-study", "status": "final",
+                "code": {"coding": [{"system": "http://loinc.org", "code": "69990-0"}]},
+                "subject": {"reference": "Patient/SubscriberExample"},
+                "effectiveDateTime": taken.to_string(),
+                "valueQuantity": {"value": ahi, "unit": "/h"}
+            }
+        }));
+    }
+    request
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_sample_payer_approves_denies_and_pends_by_its_policy() {
+    let app = TestApp::start().await;
+    let validator = schema();
+    for payer in ["Acme Health Plan", "Bluestone Insurance", "Cedar Mutual"] {
+        for (ahi, expected) in [(Some(22), "A1"), (Some(2), "A3"), (None, "A4")] {
+            let identifier = format!("cpap-{payer}-{ahi:?}");
+            let (status, response) = submit(&app, &cpap_request(payer, &identifier, ahi)).await;
+            assert_eq!(status, StatusCode::OK, "{payer} {ahi:?}: {response}");
+            validator.validate(&response).expect("valid R4");
+            assert_eq!(codes(&response), [expected], "{payer} {ahi:?}: {response}");
+            if expected == "A4" {
+                let task = task_of(&response).expect("task");
+                let needed = task["input"][0]["valueString"].as_str().expect("needed");
+                assert!(needed.contains("Apnea-hypopnea"), "{needed}");
+            }
+        }
+    }
+    // Cedar Mutual does not cover acupuncture: denied whatever the record.
+    let mut acupuncture = cpap_request("Cedar Mutual", "acupuncture", None);
+    acupuncture["entry"][0]["resource"]["item"][0]["productOrService"] = json!({"coding": [{
+        "system": "http://www.ama-assn.org/go/cpt", "code": "97810"}]});
+    let (_, response) = submit(&app, &acupuncture).await;
+    assert_eq!(codes(&response), ["A3"], "{response}");
+}
