@@ -97,6 +97,9 @@ impl App {
             public_base,
             config.server.max_body_bytes,
         ));
+        pas::subscription::resume(&pas)
+            .await
+            .context("resuming PAS subscription handshakes")?;
         let fhir = Arc::new(FhirApi::new(
             store.clone(),
             schema,

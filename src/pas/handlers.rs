@@ -93,20 +93,51 @@ pub(super) async fn load(api: &PasApi, id: &str) -> Result<Option<ClaimRecord>, 
     }
 }
 
-async fn find_by_key(api: &PasApi, key: &str) -> Result<Option<ClaimRecord>, FhirError> {
+/// The record a key names, and the hash of the Claim that was filed under that key.
+async fn find_by_key(api: &PasApi, key: &str) -> Result<Option<(ClaimRecord, String)>, FhirError> {
     let found = api
         .store
         .kv_get(CLAIM_IDENTIFIERS, vec![key.to_owned()])
         .await
         .map_err(store_error)?;
-    match found.into_iter().next().flatten() {
-        Some(id) => load(api, &String::from_utf8_lossy(&id)).await,
-        None => Ok(None),
-    }
+    let Some(value) = found.into_iter().next().flatten() else {
+        return Ok(None);
+    };
+    let value = String::from_utf8_lossy(&value).into_owned();
+    let (id, hash) = value.split_once('|').unwrap_or((value.as_str(), ""));
+    Ok(load(api, id).await?.map(|record| (record, hash.to_owned())))
+}
+
+/// Who sent a claim: the provider's first identifier, else its reference. Claim identifiers
+/// are the submitter's, so they are only unique together with it.
+fn submitter(request: &PasRequest<'_>) -> String {
+    request
+        .provider
+        .and_then(|p| identifier_keys(p).into_iter().next())
+        .or_else(|| {
+            request.claim["provider"]["reference"]
+                .as_str()
+                .map(str::to_owned)
+        })
+        .unwrap_or_default()
+}
+
+/// The hash of a Claim's content, to tell a resubmission from a reused identifier.
+fn claim_hash(claim: &Value) -> String {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(serde_json::to_vec(claim).unwrap_or_default());
+    digest[..12].iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Saves `record` with index entries for `keys`, durably.
-async fn save(api: &PasApi, record: &ClaimRecord, keys: &[String]) -> Result<(), FhirError> {
+/// Saves `record` with index entries for `keys` (each filed with the hash of the Claim sent
+/// under it), durably.
+async fn save(
+    api: &PasApi,
+    record: &ClaimRecord,
+    keys: &[String],
+    hash: &str,
+) -> Result<(), FhirError> {
     let bytes = serde_json::to_vec(record)
         .map_err(|e| FhirError::internal(format!("claim record did not serialize: {e}")))?;
     let mut ops = vec![KvOp::put(CLAIMS, record.id.clone(), bytes)];
@@ -114,7 +145,7 @@ async fn save(api: &PasApi, record: &ClaimRecord, keys: &[String]) -> Result<(),
         ops.push(KvOp::put(
             CLAIM_IDENTIFIERS,
             key.clone(),
-            record.id.clone().into_bytes(),
+            format!("{}|{hash}", record.id).into_bytes(),
         ));
     }
     api.store.kv_apply(ops).await.map_err(store_error)
@@ -142,16 +173,29 @@ async fn submit(
                 "Bundle.entry[0].resource.insurance.coverage",
             )
         })?;
-    let key = format!("{}|{}", request.identifier.0, request.identifier.1);
+    let from = submitter(&request);
+    let key = format!("{from}#{}|{}", request.identifier.0, request.identifier.1);
+    let hash = claim_hash(request.claim);
     let lock = api.claim_lock(&key);
     let _one_at_a_time = lock.lock().await;
-    // The same Claim again: the same answer, nothing new.
-    if let Some(record) = find_by_key(&api, &key).await? {
+    // The same Claim again: the same answer, nothing new. The same identifier on a different
+    // Claim is a mistake the submitter must hear about.
+    if let Some((record, filed)) = find_by_key(&api, &key).await? {
+        if filed != hash {
+            return Err(unprocessable(
+                "duplicate",
+                "this Claim identifier was already used for a different request; use a new identifier, or Claim.related to update it",
+                "Bundle.entry[0].resource.identifier",
+            ));
+        }
         return Ok(answer(&api, &record));
     }
     let (now, today) = now_and_today();
     if let Some(related) = &request.related {
-        return update(&api, &request, related, payer, &key, &now, today).await;
+        return update(
+            &api, &request, related, payer, &from, &key, &hash, &now, today,
+        )
+        .await;
     }
     let id = uuid::Uuid::new_v4().to_string();
     let decisions = decide_items(&request, &api.policies, payer, &id, &now, today);
@@ -159,6 +203,7 @@ async fn submit(
         id,
         identifier: request.identifier.clone(),
         claim_id: request.claim["id"].as_str().unwrap_or("claim").to_owned(),
+        submitter: from.clone(),
         payer: payer.payer.name.clone(),
         request: Value::Null,
         items: Vec::new(),
@@ -174,8 +219,11 @@ async fn submit(
     drop(request);
     record.request = bundle;
     record.apply(decisions, &now);
-    let reference_key = format!("ref|Claim/{}", record.claim_id);
-    save(&api, &record, &[key, reference_key]).await?;
+    let mut keys = vec![key];
+    if record.claim_id != "claim" {
+        keys.push(format!("{from}#ref|Claim/{}", record.claim_id));
+    }
+    save(&api, &record, &keys, &hash).await?;
     tracing::info!(claim = %record.id, items = record.items.len(), pended = record.is_pended(), "prior authorization decided");
     Ok(answer(&api, &record))
 }
@@ -190,27 +238,39 @@ fn patient_keys(request: &PasRequest<'_>) -> Vec<String> {
 
 /// An update of an earlier claim: items still pended, or marked changed, are decided again
 /// with the update's information; the answer lists every item of the claim.
+#[allow(clippy::too_many_arguments)]
 async fn update(
     api: &PasApi,
     request: &PasRequest<'_>,
     related: &RelatedClaim,
     payer: &crate::pa::PolicyFile,
+    from: &str,
     key: &str,
+    hash: &str,
     now: &str,
     today: time::Date,
 ) -> Result<Response, FhirError> {
     let original_key = match related {
-        RelatedClaim::Identifier(system, value) => format!("{system}|{value}"),
-        RelatedClaim::Reference(reference) => format!("ref|{reference}"),
+        RelatedClaim::Identifier(system, value) => format!("{from}#{system}|{value}"),
+        RelatedClaim::Reference(reference) => format!("{from}#ref|{reference}"),
     };
-    let Some(found) = find_by_key(api, &original_key).await? else {
+    let related_at = "Bundle.entry[0].resource.related[0].claim";
+    let Some((found, _)) = find_by_key(api, &original_key).await? else {
         return Err(unprocessable(
             "not-found",
-            "the claim this update refers to is not known here",
-            "Bundle.entry[0].resource.related[0].claim",
+            "the claim this update refers to is not known here (for this provider)",
+            related_at,
         ));
     };
-    let lock = api.claim_lock(&format!("{}|{}", found.identifier.0, found.identifier.1));
+    let patient = patient_keys(request);
+    if !found.patient_keys.iter().any(|k| patient.contains(k)) {
+        return Err(unprocessable(
+            "conflict",
+            "the update is for another patient than the claim it refers to",
+            related_at,
+        ));
+    }
+    let lock = api.claim_lock(&record_lock_key(&found));
     let _original_too = lock.lock().await;
     // Read again under the original's lock: a reviewer may have just decided.
     let mut record = load(api, &found.id).await?.unwrap_or(found);
@@ -224,7 +284,9 @@ async fn update(
                 .find(|i| i.sequence == d.sequence)
                 .is_some_and(|i| info_changed(i.item));
             let current = record.items.iter().find(|i| i.sequence == d.sequence);
-            current.is_none_or(|c| c.action == ReviewAction::Pended || changed)
+            // Decided again: what is pended, what the provider marks changed, and an item whose
+            // service is not the one decided before.
+            current.is_none_or(|c| c.action == ReviewAction::Pended || changed || c.code != d.code)
         })
         .collect();
     let was_pended = record.is_pended();
@@ -234,27 +296,35 @@ async fn update(
         .updates
         .push((request.identifier.0.clone(), request.identifier.1.clone()));
     record.apply(again, now);
-    save(api, &record, &[key.to_owned()]).await?;
+    save(api, &record, &[key.to_owned()], hash).await?;
     tracing::info!(
         claim = %record.id,
         pended = record.is_pended(),
         was_pended,
         "prior authorization updated"
     );
-    if newly_decided(&before, &record.items) {
+    if decisions_changed(&before, &record.items) {
         super::subscription::notify(api, &record).await;
     }
     Ok(answer(api, &record))
 }
 
-/// Whether an item that was pended has a decision now: what subscribers hear about.
-fn newly_decided(before: &[ItemDecision], after: &[ItemDecision]) -> bool {
+/// Whether any item's decision changed (a pended item decided, a decision reversed): what
+/// subscribers hear about.
+fn decisions_changed(before: &[ItemDecision], after: &[ItemDecision]) -> bool {
     after.iter().any(|item| {
-        item.action.is_final()
-            && before
-                .iter()
-                .any(|old| old.sequence == item.sequence && old.action == ReviewAction::Pended)
+        before
+            .iter()
+            .any(|old| old.sequence == item.sequence && old.action != item.action)
     })
+}
+
+/// The lock of a claim record (its original key).
+fn record_lock_key(record: &ClaimRecord) -> String {
+    format!(
+        "{}#{}|{}",
+        record.submitter, record.identifier.0, record.identifier.1
+    )
 }
 
 /// The PAS `infoChanged` extension on an item.
@@ -287,11 +357,6 @@ async fn inquire(
                 "Bundle.entry",
             )
         })?;
-    for key in identifier_keys(claim) {
-        if let Some(record) = find_by_key(&api, &key).await? {
-            return Ok(answer(&api, &record));
-        }
-    }
     let resolve =
         |field: &str| -> Option<&Value> {
             let reference = claim[field]["reference"].as_str()?;
@@ -302,6 +367,24 @@ async fn inquire(
         };
     let patient_keys: Vec<String> = resolve("patient").map(identifier_keys).unwrap_or_default();
     let provider_keys: Vec<String> = resolve("provider").map(identifier_keys).unwrap_or_default();
+    // By the Claim identifier, as the provider filed it, for the same patient.
+    let from = provider_keys
+        .first()
+        .cloned()
+        .or_else(|| claim["provider"]["reference"].as_str().map(str::to_owned))
+        .unwrap_or_default();
+    for key in identifier_keys(claim) {
+        if let Some((record, _)) = find_by_key(&api, &format!("{from}#{key}")).await? {
+            if record.patient_keys.iter().any(|k| patient_keys.contains(k)) {
+                return Ok(answer(&api, &record));
+            }
+        }
+    }
+    if provider_keys.is_empty() {
+        return Err(FhirError::not_found(
+            "no prior authorization request matches the inquiry's claim identifier, and its provider has no identifier to match by",
+        ));
+    }
     if patient_keys.is_empty() {
         return Err(FhirError::not_found(
             "no prior authorization request matches the inquiry's claim identifier, and its patient has no identifier to match by",
@@ -322,11 +405,10 @@ async fn inquire(
                 continue;
             };
             let patient = record.patient_keys.iter().any(|k| patient_keys.contains(k));
-            let provider = provider_keys.is_empty()
-                || record
-                    .provider_keys
-                    .iter()
-                    .any(|k| provider_keys.contains(k));
+            let provider = record
+                .provider_keys
+                .iter()
+                .any(|k| provider_keys.contains(k));
             if patient && provider && best.as_ref().is_none_or(|b| record.updated > b.updated) {
                 best = Some(record);
             }
@@ -402,10 +484,32 @@ async fn reviewer_decision(
             "a decision names its reviewer and at least one item",
         ));
     }
+    let mut seen = std::collections::HashSet::new();
+    for (n, item) in decision.items.iter().enumerate() {
+        if !seen.insert(item.sequence) {
+            return Err(FhirError::bad_request(
+                "duplicate",
+                format!("item {} is decided twice", item.sequence),
+            )
+            .at(format!("items[{n}].sequence")));
+        }
+        if let Some(period) = &item.period {
+            let start = crate::fhir::date::parse_range(&period.start);
+            let end = crate::fhir::date::parse_range(&period.end);
+            let ordered = matches!((start, end), (Some(s), Some(e)) if s.start <= e.start);
+            if !ordered {
+                return Err(FhirError::bad_request(
+                    "value",
+                    "period needs FHIR dates with start no later than end",
+                )
+                .at(format!("items[{n}].period")));
+            }
+        }
+    }
     let found = load(&api, &id)
         .await?
         .ok_or_else(|| FhirError::not_found(format!("no claim {id}")))?;
-    let lock = api.claim_lock(&format!("{}|{}", found.identifier.0, found.identifier.1));
+    let lock = api.claim_lock(&record_lock_key(&found));
     let _one_at_a_time = lock.lock().await;
     let mut record = load(&api, &id).await?.unwrap_or(found);
     let before = record.items.clone();
@@ -460,9 +564,9 @@ async fn reviewer_decision(
         });
     }
     record.apply(decided, &now);
-    save(&api, &record, &[]).await?;
+    save(&api, &record, &[], "").await?;
     tracing::info!(claim = %record.id, pended = record.is_pended(), "reviewer decided");
-    if newly_decided(&before, &record.items) {
+    if decisions_changed(&before, &record.items) {
         super::subscription::notify(&api, &record).await;
     }
     Ok(answer(&api, &record))

@@ -45,6 +45,8 @@ pub struct PasApi {
     /// One submission per Claim identifier at a time, so a resubmission racing the first
     /// cannot create a second record.
     in_progress: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Subscription states change one at a time (event numbers, status).
+    subscriptions: tokio::sync::Mutex<()>,
 }
 
 impl PasApi {
@@ -64,6 +66,7 @@ impl PasApi {
             max_body_bytes,
             base_url: format!("{}/fhir", public_base.trim_end_matches('/')),
             in_progress: Mutex::new(HashMap::new()),
+            subscriptions: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -86,6 +89,10 @@ pub struct ClaimRecord {
     pub identifier: (String, String),
     /// `Claim.id` as the submitter sent it.
     pub claim_id: String,
+    /// Who sent it (the provider's first identifier, else its reference); identifiers and ids
+    /// are the submitter's own.
+    #[serde(default)]
+    pub submitter: String,
     /// The payer whose policy decided it.
     pub payer: String,
     /// The request Bundle; after an update, the latest one.

@@ -331,6 +331,7 @@ pub async fn write_back(
                 references: vec![format!("DocumentReference/{id}")],
             },
             track_results: false,
+            internal: false,
         })
         .await?;
     let mut response = json_response(

@@ -21,8 +21,12 @@ pub fn response_bundle(record: &ClaimRecord, base: &str) -> Value {
     })];
     // The resources the ClaimResponse points at, as the request carried them.
     for field in ["patient", "insurer", "provider"] {
-        if let Some(entry) = request_entry(record, claim[field]["reference"].as_str()) {
-            if !entries.iter().any(|e| e["fullUrl"] == entry["fullUrl"]) {
+        if let Some(entry) = request_entry(record, claim[field]["reference"].as_str(), base) {
+            let same = |e: &Value| {
+                e["resource"]["resourceType"] == entry["resource"]["resourceType"]
+                    && e["resource"]["id"] == entry["resource"]["id"]
+            };
+            if !entries.iter().any(same) {
                 entries.push(entry);
             }
         }
@@ -47,8 +51,9 @@ pub fn response_bundle(record: &ClaimRecord, base: &str) -> Value {
     bundle
 }
 
-/// The request entry a reference points at, with its full URL.
-fn request_entry(record: &ClaimRecord, reference: Option<&str>) -> Option<Value> {
+/// The request entry a reference points at, with its full URL (made from `base` when the
+/// request gave none).
+fn request_entry(record: &ClaimRecord, reference: Option<&str>, base: &str) -> Option<Value> {
     let reference = reference?;
     let tail: Vec<&str> = reference.rsplit('/').take(2).collect();
     record.request["entry"]
@@ -59,11 +64,17 @@ fn request_entry(record: &ClaimRecord, reference: Option<&str>) -> Option<Value>
                 || matches!(tail.as_slice(), [id, t]
                     if e["resource"]["resourceType"] == *t && e["resource"]["id"] == *id)
         })
-        .map(|e| {
-            json!({
-                "fullUrl": e["fullUrl"].clone(),
-                "resource": e["resource"].clone(),
-            })
+        .and_then(|e| {
+            let resource = &e["resource"];
+            let full_url = match e["fullUrl"].as_str() {
+                Some(url) => url.to_owned(),
+                None => format!(
+                    "{base}/{}/{}",
+                    resource["resourceType"].as_str()?,
+                    resource["id"].as_str()?
+                ),
+            };
+            Some(json!({"fullUrl": full_url, "resource": resource.clone()}))
         })
 }
 

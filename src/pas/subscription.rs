@@ -104,6 +104,7 @@ fn destination_config() -> DestinationConfig {
 /// Adds the notification source and every stored subscription's endpoint to `remotes`, so the
 /// sync engine delivers what was queued before a restart.
 pub async fn prepare(store: &Arc<dyn Store>, remotes: &mut Remotes) -> anyhow::Result<()> {
+    remotes.internal.insert(NOTIFICATION_SOURCE.into());
     remotes.sources.insert(
         NOTIFICATION_SOURCE.into(),
         Arc::new(NotificationSource {
@@ -116,6 +117,7 @@ pub async fn prepare(store: &Arc<dyn Store>, remotes: &mut Remotes) -> anyhow::R
         };
         match sink_for(&state) {
             Ok(sink) => {
+                remotes.internal.insert(state.destination());
                 remotes
                     .sinks
                     .insert(state.destination(), Arc::new(sink) as Arc<dyn FhirSink>);
@@ -125,6 +127,19 @@ pub async fn prepare(store: &Arc<dyn Store>, remotes: &mut Remotes) -> anyhow::R
             }
             Err(e) => {
                 tracing::warn!(subscription = %state.id, error = %e, "subscription endpoint unusable")
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Runs again the handshakes a restart cut off (subscriptions still `requested`).
+pub async fn resume(api: &Arc<PasApi>) -> anyhow::Result<()> {
+    for (_, bytes) in api.store.kv_scan(SUBSCRIPTIONS, None, usize::MAX).await? {
+        if let Ok(state) = serde_json::from_slice::<SubscriptionState>(&bytes) {
+            if state.status == "requested" {
+                let task_api = api.clone();
+                tokio::spawn(async move { handshake(task_api, state).await });
             }
         }
     }
@@ -257,7 +272,20 @@ fn parse_subscription(
         .filter_map(|h| h.as_str().map(str::to_owned))
         .collect();
     let mut org = None;
-    if let Some(filter) = extension(&subscription["_criteria"], FILTER_CRITERIA) {
+    let filters: Vec<&Value> = subscription["_criteria"]["extension"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|e| e["url"] == FILTER_CRITERIA)
+        .collect();
+    if filters.len() > 1 {
+        return Err(unprocessable(
+            "not-supported",
+            "one org-identifier filter at most",
+            "Subscription.criteria",
+        ));
+    }
+    if let Some(filter) = filters.first() {
         let text = filter["valueString"].as_str().unwrap_or_default();
         let (name, value) = text.split_once('=').ok_or_else(|| {
             unprocessable("value", "a filter is name=value", "Subscription.criteria")
@@ -282,7 +310,27 @@ pub async fn intercept_create(
     next: axum::middleware::Next,
 ) -> Response {
     let path = request.uri().path().trim_end_matches('/');
-    if request.method() != http::Method::POST || path != "/fhir/Subscription" {
+    let method = request.method().clone();
+    if matches!(method, http::Method::PUT | http::Method::PATCH) {
+        // A PAS subscription's endpoint and filter are PAS's record of it: changing the
+        // resource would not change them, so it is refused. (A DELETE goes through:
+        // notifications check that the Subscription still exists. Other Subscriptions are
+        // plain resources of the FHIR store.)
+        let id = path.strip_prefix("/fhir/Subscription/").unwrap_or_default();
+        let pas_subscription = !id.is_empty()
+            && !id.contains('/')
+            && matches!(load_state(&api, id).await, Ok(Some(_)));
+        if pas_subscription {
+            return axum::response::IntoResponse::into_response(FhirError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                Issue::error(
+                    "not-supported",
+                    "a PAS Subscription cannot be changed; delete it and create another",
+                ),
+            ));
+        }
+    }
+    if method != http::Method::POST || path != "/fhir/Subscription" {
         return next.run(request).await;
     }
     let (parts, body) = request.into_parts();
@@ -336,6 +384,7 @@ async fn create(api: Arc<PasApi>, headers: HeaderMap, bytes: Bytes) -> Result<Re
     save_state(&api, &state, Vec::new()).await?;
     api.engine
         .add_destination(&state.destination(), Arc::new(sink), destination_config());
+    api.engine.mark_internal(&state.destination());
     tracing::info!(subscription = %id, "subscription requested; handshake follows");
     let task_api = api.clone();
     tokio::spawn(async move { handshake(task_api, state).await });
@@ -477,6 +526,10 @@ async fn handshake(api: Arc<PasApi>, mut state: SubscriptionState) {
         Ok(()) => ("active", None),
         Err(e) => ("error", Some(format!("the handshake failed: {e}"))),
     };
+    let _one_at_a_time = api.subscriptions.lock().await;
+    if let Ok(Some(current)) = load_state(&api, &state.id).await {
+        state = current;
+    }
     state.status = status.into();
     state.error = error.clone();
     if let Err(e) = set_status(&api, &state).await {
@@ -514,6 +567,8 @@ async fn set_status(api: &PasApi, state: &SubscriptionState) -> Result<(), FhirE
 /// Sends every matching active subscription a notification about `record` (a pended claim
 /// that was just decided), through the sync outbox.
 pub async fn notify(api: &PasApi, record: &ClaimRecord) {
+    // One notification at a time: each takes the next event number of its subscription.
+    let _one_at_a_time = api.subscriptions.lock().await;
     let states = match api.store.kv_scan(SUBSCRIPTIONS, None, usize::MAX).await {
         Ok(states) => states,
         Err(e) => {
@@ -526,6 +581,21 @@ pub async fn notify(api: &PasApi, record: &ClaimRecord) {
             continue;
         };
         if state.status != "active" || !state.matches(record) {
+            continue;
+        }
+        // A Subscription deleted (by any route) is over.
+        let exists = api
+            .store
+            .read("Subscription", &state.id)
+            .await
+            .ok()
+            .flatten()
+            .is_some_and(|v| !v.is_deleted());
+        if !exists {
+            state.status = "off".into();
+            if let Err(e) = save_state(api, &state, Vec::new()).await {
+                tracing::error!(subscription = %state.id, error = %e, "subscription state not recorded");
+            }
             continue;
         }
         if let Err(e) = send(api, &mut state, record).await {
@@ -541,7 +611,12 @@ async fn send(
 ) -> Result<(), FhirError> {
     state.events += 1;
     let response = super::respond::response_bundle(record, &api.base_url);
-    let focus = format!("{}/ClaimResponse/{}", api.base_url, record.id);
+    // The focus is the response Bundle, as the entry after the status carries it.
+    let focus = format!(
+        "{}/Bundle/{}",
+        api.base_url,
+        response["id"].as_str().unwrap_or_default()
+    );
     let mut parameters = status_parameters(api, state, "event-notification", "active");
     if let Some(list) = parameters["parameter"].as_array_mut() {
         list.push(json!({"name": "notification-event", "part": [
@@ -564,7 +639,7 @@ async fn send(
                 "response": {"status": "200"},
             },
             {
-                "fullUrl": format!("{}/Bundle/{}", api.base_url, response["id"].as_str().unwrap_or_default()),
+                "fullUrl": focus,
                 "resource": response,
                 "request": {"method": "POST", "url": "Claim/$submit"},
                 "response": {"status": "200"},
@@ -582,6 +657,7 @@ async fn send(
                 references: vec![format!("Bundle/{id}")],
             },
             track_results: false,
+            internal: true,
         })
         .await
         .map_err(FhirError::from)?;
@@ -595,6 +671,7 @@ pub async fn status(
     State(api): State<Arc<PasApi>>,
     Path(id): Path<String>,
 ) -> Result<Response, FhirError> {
+    let _one_at_a_time = api.subscriptions.lock().await;
     let mut state = load_state(&api, &id)
         .await?
         .ok_or_else(|| FhirError::not_found(format!("no Subscription/{id}")))?;

@@ -1156,6 +1156,9 @@ pub struct Remotes {
     pub proxies: BTreeMap<String, Arc<RemoteFhir>>,
     pub sinks: BTreeMap<String, Arc<dyn FhirSink>>,
     pub destinations: BTreeMap<String, DestinationConfig>,
+    /// Sources and destinations only fhirgate's own jobs may use (PAS notifications and
+    /// subscribers' endpoints), never one a caller asks for.
+    pub internal: std::collections::BTreeSet<String>,
 }
 
 /// The name of the embedded store as a source and as a destination.

@@ -274,6 +274,7 @@ pub fn job_request(api: &SyncApi, body: Value) -> Result<JobRequest, FhirError> 
         destination,
         scope,
         track_results: false,
+        internal: false,
     })
 }
 
@@ -396,6 +397,7 @@ async fn run_connector_job(api: &SyncApi, scope: Scope) -> Result<(Job, bool), R
             destination,
             scope,
             track_results: true,
+            internal: false,
         })
         .await
         .map_err(|e| match e {

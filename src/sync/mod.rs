@@ -56,8 +56,10 @@ pub struct JobRequest {
     pub source: String,
     pub destination: String,
     pub scope: Scope,
-    /// Keep each resource's outcome in memory for [`SyncEngine::results`].
+    /// Keep each resource's outcome in memory for [`SyncEngine::take_results`].
     pub track_results: bool,
+    /// A job of fhirgate's own, which may use internal sources and destinations.
+    pub internal: bool,
 }
 
 /// The engine: jobs, the outbox and the workers that empty it.
@@ -79,6 +81,8 @@ pub struct SyncEngine {
     /// Set when a commit was given up on (the store failed at shutdown): memory is then ahead
     /// of the store, and nothing more may commit.
     broken: std::sync::atomic::AtomicBool,
+    /// Names callers' jobs may not use (see [`Remotes::internal`]).
+    internal: RwLock<std::collections::BTreeSet<String>>,
 }
 
 impl SyncEngine {
@@ -101,6 +105,7 @@ impl SyncEngine {
             shutdown: watch::channel(false).0,
             tasks: Mutex::new(Vec::new()),
             broken: std::sync::atomic::AtomicBool::new(false),
+            internal: RwLock::new(remotes.internal.clone()),
         });
         let resume = engine.recover().await?;
         let sinks: Vec<(String, Arc<dyn FhirSink>)> = engine
@@ -117,6 +122,21 @@ impl SyncEngine {
             engine.spawn_expansion(job);
         }
         Ok(engine)
+    }
+
+    /// Reserves a source or destination name for fhirgate's own jobs.
+    pub fn mark_internal(&self, name: &str) {
+        self.internal
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(name.to_owned());
+    }
+
+    fn is_internal(&self, name: &str) -> bool {
+        self.internal
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(name)
     }
 
     /// Adds (or replaces) a source while running.
@@ -290,20 +310,31 @@ impl SyncEngine {
         if *self.shutdown.borrow() {
             return Err(SyncError::ShuttingDown);
         }
-        if self.source(&request.source).is_none() {
+        let visible = |name: &str| request.internal || !self.is_internal(name);
+        if self.source(&request.source).is_none() || !visible(&request.source) {
             let known = self.sources.read().unwrap_or_else(|p| p.into_inner());
             return Err(SyncError::Invalid(format!(
                 "unknown source {:?}; configured: {}",
                 request.source,
-                known.keys().cloned().collect::<Vec<_>>().join(", ")
+                known
+                    .keys()
+                    .filter(|k| !self.is_internal(k))
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(", ")
             )));
         }
-        if !self.has_sink(&request.destination) {
+        if !self.has_sink(&request.destination) || !visible(&request.destination) {
             let known = self.sinks.read().unwrap_or_else(|p| p.into_inner());
             return Err(SyncError::Invalid(format!(
                 "unknown destination {:?}; configured: {}",
                 request.destination,
-                known.keys().cloned().collect::<Vec<_>>().join(", ")
+                known
+                    .keys()
+                    .filter(|k| !self.is_internal(k))
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(", ")
             )));
         }
         if request.source == request.destination
@@ -785,6 +816,7 @@ mod tests {
                     since: None,
                 },
                 track_results: false,
+                internal: false,
             })
             .await
             .expect("submit");

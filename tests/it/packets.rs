@@ -250,8 +250,8 @@ async fn a_packet_is_written_back_to_the_chart_once() {
         let done = finished_job(&app.client, &app.base, job["id"].as_u64().expect("job")).await;
         assert_eq!(done["state"], "completed", "{done}");
     }
-    // Created once with a POST (the EHR assigns the id); the second write-back found it by
-    // its identifier and created nothing.
+    // Created once with a POST guarded by If-None-Exist (the EHR assigns the id); the second
+    // write-back finds this version delivered already and sends nothing.
     let creates: Vec<_> = openemr
         .recorded_requests()
         .into_iter()

@@ -631,3 +631,54 @@ async fn each_sample_payer_approves_denies_and_pends_by_its_policy() {
     let (_, response) = submit(&app, &acupuncture).await;
     assert_eq!(codes(&response), ["A3"], "{response}");
 }
+
+#[tokio::test]
+async fn claim_identifiers_belong_to_their_submitter() {
+    let app = TestApp::start().await;
+    // The IG's home-care and office-visit requests share a Claim identifier and a provider:
+    // the second is a different request under a used identifier.
+    let (status, _) = submit(
+        &app,
+        &example("Bundle-HomecareAuthorizationBundleExample.json"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, outcome) = submit(
+        &app,
+        &example("Bundle-MedicalServicesAuthorizationBundleExample.json"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{outcome}");
+    assert_outcome(
+        &outcome,
+        "duplicate",
+        Some("Bundle.entry[0].resource.identifier"),
+    );
+
+    // Another provider may use the same identifier (and Claim id) for its own request…
+    let mut elsewhere = example("Bundle-MedicalServicesAuthorizationBundleExample.json");
+    for entry in elsewhere["entry"].as_array_mut().expect("entries") {
+        if entry["resource"]["id"] == "UMOExample" {
+            entry["resource"]["identifier"] =
+                json!([{"system": "http://hl7.org/fhir/sid/us-npi", "value": "5555555555"}]);
+        }
+    }
+    let (status, answered) = submit(&app, &elsewhere).await;
+    assert_eq!(status, StatusCode::OK, "{answered}");
+    assert_eq!(codes(&answered), ["NA"]);
+    // …but cannot update the first provider's claim.
+    let mut foreign_update = example("Bundle-HomecareAuthorizationUpdateBundleExample.json");
+    for entry in foreign_update["entry"].as_array_mut().expect("entries") {
+        if entry["resource"]["id"] == "UMOExample" {
+            entry["resource"]["identifier"] =
+                json!([{"system": "http://hl7.org/fhir/sid/us-npi", "value": "5555555555"}]);
+        }
+    }
+    let (status, outcome) = submit(&app, &foreign_update).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{outcome}");
+    assert_outcome(
+        &outcome,
+        "not-found",
+        Some("Bundle.entry[0].resource.related[0].claim"),
+    );
+}

@@ -154,8 +154,9 @@ async fn a_subscriber_hears_when_a_pended_claim_is_decided() {
     let other = Subscriber::start().await;
     // The requesting organization of the IG's examples has NPI 8189991234.
     let id = subscribe(&app, &subscription(&subscriber.url, Some("8189991234"))).await;
-    let _other_id = subscribe(&app, &subscription(&other.url, Some("0000000000"))).await;
+    let other_id = subscribe(&app, &subscription(&other.url, Some("0000000000"))).await;
     status_becomes(&app, &id, "active").await;
+    status_becomes(&app, &other_id, "active").await;
     let handshake = &subscriber.wait_for(1).await[0];
     assert_eq!(handshake["type"], "history");
     assert_eq!(
@@ -202,10 +203,11 @@ async fn a_subscriber_hears_when_a_pended_claim_is_decided() {
     assert!(parts
         .iter()
         .any(|p| p["name"] == "event-number" && p["valueString"] == "1"));
+    // The focus is the response Bundle the notification carries next.
     let focus = parts.iter().find(|p| p["name"] == "focus").expect("focus");
     assert_eq!(
         focus["valueReference"]["reference"],
-        app.fhir(&format!("/ClaimResponse/{claim_response_id}"))
+        notification["entry"][1]["fullUrl"]
     );
     let response = &notification["entry"][1]["resource"];
     assert_eq!(response["resourceType"], "Bundle");
@@ -358,4 +360,98 @@ async fn unsupported_subscriptions_are_refused_and_dead_endpoints_end_in_error()
         "error"
     );
     status_becomes(&app, &id, "error").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_decisions_get_distinct_event_numbers_and_a_deleted_subscription_hears_nothing()
+{
+    let app = TestApp::start().await;
+    let subscriber = Subscriber::start().await;
+    let id = subscribe(&app, &subscription(&subscriber.url, None)).await;
+    status_becomes(&app, &id, "active").await;
+    // Six pended claims (distinct identifiers), then a reviewer decision on each, all at once.
+    let mut claims = Vec::new();
+    for n in 0..6 {
+        let mut request = example("Bundle-HomecareAuthorizationBundleExample.json");
+        request["entry"][0]["resource"]["identifier"][0]["value"] =
+            json!(format!("concurrent-{n}"));
+        let (status, response) = json(app.post("/Claim/$submit", &request).await).await;
+        assert_eq!(status, StatusCode::OK, "{response}");
+        claims.push(
+            response["entry"][0]["resource"]["id"]
+                .as_str()
+                .expect("id")
+                .to_owned(),
+        );
+    }
+    let decisions = claims.iter().map(|claim| {
+        app.client
+            .post(app.url(&format!("/pas/claims/{claim}/decision")))
+            .json(&json!({"reviewer": "R", "items": [{"sequence": 1, "action": "approved"}]}))
+            .send()
+    });
+    for answer in futures_util::future::join_all(decisions).await {
+        assert_eq!(answer.expect("decision").status(), StatusCode::OK);
+    }
+    let received = subscriber.wait_for(7).await;
+    let mut numbers: Vec<u64> = received[1..]
+        .iter()
+        .map(|n| {
+            let event = parameter(&n["entry"][0]["resource"], "notification-event");
+            event["part"]
+                .as_array()
+                .expect("parts")
+                .iter()
+                .find(|p| p["name"] == "event-number")
+                .and_then(|p| p["valueString"].as_str())
+                .and_then(|v| v.parse().ok())
+                .expect("event number")
+        })
+        .collect();
+    numbers.sort_unstable();
+    assert_eq!(numbers, [1, 2, 3, 4, 5, 6]);
+
+    // A Subscription cannot be changed in place; once deleted, it hears nothing more.
+    let (status, outcome) = json(
+        app.put(
+            &format!("/Subscription/{id}"),
+            &subscription(&subscriber.url, None),
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED, "{outcome}");
+    assert_outcome(&outcome, "not-supported", None);
+    let deleted = app.delete(&format!("/Subscription/{id}")).await;
+    assert_eq!(deleted.status(), StatusCode::NO_CONTENT);
+    let (status, _) = json(
+        app.client
+            .post(app.url(&format!("/pas/claims/{}/decision", claims[0])))
+            .json(&json!({"reviewer": "R", "items": [{"sequence": 2, "action": "denied"}]}))
+            .send()
+            .await
+            .expect("decision"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    // Notifying runs before the decision is answered: the subscription was found gone.
+    let (_, bundle) = json(app.get(&format!("/Subscription/{id}/$status")).await).await;
+    assert_eq!(
+        parameter(&bundle["entry"][0]["resource"], "status")["valueCode"],
+        "off"
+    );
+    assert_eq!(subscriber.received().len(), 7, "nothing after the delete");
+
+    // A subscriber's endpoint is not a destination callers can send to.
+    let (status, outcome) = json(
+        app.client
+            .post(app.url("/sync/jobs"))
+            .json(&json!({"source": "local", "destination": format!("subscription-{id}"), "resources": ["Patient/x"]}))
+            .send()
+            .await
+            .expect("post"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{outcome}");
+    assert_outcome(&outcome, "invalid", None);
 }
