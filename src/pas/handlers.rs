@@ -470,14 +470,7 @@ async fn reviewer_decision(
     Path(id): Path<String>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, FhirError> {
-    let bytes =
-        body.map_err(|r| FhirError::new(r.status(), Issue::error("invalid", r.body_text())))?;
-    let decision: ReviewerDecision = serde_json::from_slice(&bytes).map_err(|e| {
-        FhirError::bad_request(
-            "structure",
-            format!("the body is not a reviewer decision: {e}"),
-        )
-    })?;
+    let decision: ReviewerDecision = super::json_body(body, "a reviewer decision")?;
     if decision.reviewer.trim().is_empty() || decision.items.is_empty() {
         return Err(FhirError::bad_request(
             "required",

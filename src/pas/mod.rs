@@ -155,6 +155,18 @@ impl ClaimRecord {
     }
 }
 
+/// A JSON request body as `T` (`what` names it in the error).
+pub(crate) fn json_body<T: serde::de::DeserializeOwned>(
+    body: Result<bytes::Bytes, axum::extract::rejection::BytesRejection>,
+    what: &str,
+) -> Result<T, crate::fhir::FhirError> {
+    use crate::fhir::{FhirError, Issue};
+    let bytes =
+        body.map_err(|r| FhirError::new(r.status(), Issue::error("invalid", r.body_text())))?;
+    serde_json::from_slice(&bytes)
+        .map_err(|e| FhirError::bad_request("structure", format!("the body is not {what}: {e}")))
+}
+
 /// `system|value` identifiers of a resource.
 pub fn identifier_keys(resource: &Value) -> Vec<String> {
     resource["identifier"]

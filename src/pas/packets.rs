@@ -15,7 +15,7 @@ use serde_json::{json, Value};
 
 use super::handlers::load;
 use super::{ClaimRecord, PasApi};
-use crate::fhir::{FhirError, Issue};
+use crate::fhir::FhirError;
 use crate::packet::build::{
     claim_services, document_reference, packet_document, DecidedItem, PacketSource,
 };
@@ -54,14 +54,7 @@ pub async fn create(
     State(api): State<Arc<PasApi>>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, FhirError> {
-    let bytes =
-        body.map_err(|r| FhirError::new(r.status(), Issue::error("invalid", r.body_text())))?;
-    let request: PacketRequest = serde_json::from_slice(&bytes).map_err(|e| {
-        FhirError::bad_request(
-            "structure",
-            format!("the body is not a packet request: {e}"),
-        )
-    })?;
+    let request: PacketRequest = super::json_body(body, "a packet request")?;
     let generated = now();
     let id = uuid::Uuid::new_v4().to_string();
     let (document, subject, author, related) = match (request.claim_id, request.bundle) {
@@ -316,11 +309,7 @@ pub async fn write_back(
     Path(id): Path<String>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, FhirError> {
-    let bytes =
-        body.map_err(|r| FhirError::new(r.status(), Issue::error("invalid", r.body_text())))?;
-    let request: WriteBack = serde_json::from_slice(&bytes).map_err(|e| {
-        FhirError::bad_request("structure", format!("the body names a destination: {e}"))
-    })?;
+    let request: WriteBack = super::json_body(body, "a write-back (a destination)")?;
     stored_document(&api, &id).await?;
     let job = api
         .engine
