@@ -14,6 +14,33 @@ use fhirgate::fhir::{SchemaValidator, SearchRegistry};
 use fhirgate::store::{Action, EmbeddedStore, Mutation, Store};
 use serde_json::{json, Value};
 
+/// The service-account key the benchmarks authenticate with, as real callers do.
+const BENCH_KEY: &str = "fg_benchmark-key";
+
+fn bench_config(data_dir: &Path) -> fhirgate::config::Config {
+    let mut config = fhirgate::config::Config::default();
+    config.store.data_dir = data_dir.to_path_buf();
+    config.auth.api_keys = vec![fhirgate::config::ConfiguredApiKey {
+        name: "bench".into(),
+        sha256: fhirgate::auth::keys::hash(BENCH_KEY),
+        roles: vec!["admin".into()],
+        scopes: Vec::new(),
+    }];
+    config
+}
+
+fn bench_client() -> reqwest::Client {
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert(
+        reqwest::header::AUTHORIZATION,
+        reqwest::header::HeaderValue::from_static("Bearer fg_benchmark-key"),
+    );
+    reqwest::Client::builder()
+        .default_headers(headers)
+        .build()
+        .expect("client")
+}
+
 /// The allocator the binary uses.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -119,8 +146,7 @@ struct Server {
 }
 
 fn start_server(runtime: &tokio::runtime::Runtime, dir: tempfile::TempDir) -> Server {
-    let mut config = fhirgate::config::Config::default();
-    config.store.data_dir = dir.path().to_path_buf();
+    let config = bench_config(dir.path());
     let listener = runtime
         .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
         .expect("bind");
@@ -150,8 +176,7 @@ fn router_put_get(c: &mut Criterion) {
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
     let mut group = c.benchmark_group("router");
     for (medium, dir) in data_dirs() {
-        let mut config = fhirgate::config::Config::default();
-        config.store.data_dir = dir.path().to_path_buf();
+        let config = bench_config(dir.path());
         let app = runtime
             .block_on(async { fhirgate::App::build(&config, "http://bench").await })
             .expect("app");
@@ -165,12 +190,14 @@ fn router_put_get(c: &mut Criterion) {
                 async move {
                     let put = http::Request::put(format!("/fhir/Patient/{id}"))
                         .header("content-type", "application/fhir+json")
+                        .header("authorization", format!("Bearer {BENCH_KEY}"))
                         .body(axum::body::Body::from(body))
                         .expect("request");
                     let response = router.clone().oneshot(put).await.expect("put");
                     assert!(response.status().is_success());
                     let _ = axum::body::to_bytes(response.into_body(), usize::MAX).await;
                     let get = http::Request::get(format!("/fhir/Patient/{id}"))
+                        .header("authorization", format!("Bearer {BENCH_KEY}"))
                         .body(axum::body::Body::empty())
                         .expect("request");
                     let response = router.oneshot(get).await.expect("get");
@@ -291,7 +318,7 @@ fn cds_order_sign(c: &mut Criterion) {
 /// PUT then GET over loopback TCP with a pooled client, for comparison with the in-process path.
 fn http_put_get(c: &mut Criterion) {
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
-    let client = reqwest::Client::new();
+    let client = bench_client();
     let mut group = c.benchmark_group("http");
     for (medium, dir) in data_dirs() {
         let server = start_server(&runtime, dir);
@@ -346,7 +373,7 @@ fn synthea_bundle() -> (Vec<u8>, u64) {
 
 fn ingest(c: &mut Criterion) {
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
-    let client = reqwest::Client::new();
+    let client = bench_client();
     let (bundle, entries) = synthea_bundle();
     let mut group = c.benchmark_group("ingest");
     group.sample_size(20);

@@ -17,9 +17,11 @@ for _ in $(seq 1 2000); do
 done
 ready=$(date +%s%N)
 echo "cold start to ready: $(( (ready - start) / 1000000 )) ms"
-# One write and read so the schema and store are warm, then let it idle.
+# One write and read so the schema and store are warm, then let it idle. A fresh server writes
+# its first admin key into the data folder.
+auth="Authorization: Bearer $(cat "$dir/admin-api-key")"
 curl -fs -X PUT "http://127.0.0.1:$port/fhir/Patient/idle" -H 'content-type: application/fhir+json' \
-  -d '{"resourceType":"Patient","id":"idle"}' >/dev/null
-curl -fs "http://127.0.0.1:$port/fhir/Patient/idle" >/dev/null
+  -H "$auth" -d '{"resourceType":"Patient","id":"idle"}' >/dev/null
+curl -fs -H "$auth" "http://127.0.0.1:$port/fhir/Patient/idle" >/dev/null
 sleep 1
 echo "idle RSS: $(awk '/VmRSS/ {print $2, $3}' /proc/$pid/status) (anonymous $(awk '/RssAnon/ {print $2, $3}' /proc/$pid/status), file-backed $(awk '/RssFile/ {print $2, $3}' /proc/$pid/status))"

@@ -152,8 +152,17 @@ fn quiet_config(data_dir: &Path) -> Config {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     config.pa.policies_dir = root.join("policies");
     config.cds.hooks_dir = root.join("hooks");
+    config.auth.api_keys = vec![fhirgate::config::ConfiguredApiKey {
+        name: "bench".into(),
+        sha256: fhirgate::auth::keys::hash(BENCH_KEY),
+        roles: vec!["admin".into()],
+        scopes: Vec::new(),
+    }];
     config
 }
+
+/// The service-account key the benchmarks authenticate with, as real callers do.
+const BENCH_KEY: &str = "fg_benchmark-key";
 
 /// A fhirgate server on a random port; returns its FHIR base.
 async fn start_fhirgate(data_dir: &Path) -> String {
@@ -161,7 +170,14 @@ async fn start_fhirgate(data_dir: &Path) -> String {
         .await
         .expect("bind");
     let base = format!("http://{}", listener.local_addr().expect("addr"));
-    let config = quiet_config(data_dir);
+    let mut config = quiet_config(data_dir);
+    // The gateway under test gets its tokens here, as a SMART backend client.
+    config.auth.clients = vec![fhirgate::config::BackendClient {
+        client_id: "bench-sync".into(),
+        jwks_file: Path::new(env!("CARGO_MANIFEST_DIR")).join("certs/test-cds-client.jwks.json"),
+        scopes: vec!["system/*.cruds".into()],
+        roles: Vec::new(),
+    }];
     tokio::spawn(fhirgate::run(listener, config, std::future::pending()));
     let client = reqwest::Client::new();
     for _ in 0..400 {
@@ -209,6 +225,19 @@ async fn sync_once(
                 DestinationConfig {
                     batch_size: Some(250),
                     timeout_secs: 60,
+                    auth: Some(fhirgate::config::OAuthConfig {
+                        token_url: Some(format!("{}/auth/token", base.trim_end_matches("/fhir"))),
+                        client_id: "bench-sync".into(),
+                        client_secret: None,
+                        method: fhirgate::config::ClientAuthMethod::PrivateKeyJwt,
+                        private_key_file: Some(
+                            Path::new(env!("CARGO_MANIFEST_DIR"))
+                                .join("certs/test-cds-client-rs384.key"),
+                        ),
+                        key_id: Some("test-rs384".into()),
+                        algorithm: Some("RS384".into()),
+                        scopes: Some("system/*.cruds".into()),
+                    }),
                     ..DestinationConfig::new(DestinationKind::Fhir, Some(base.to_owned()))
                 },
             );
@@ -241,6 +270,7 @@ async fn sync_once(
 /// What the connector does: one `PUT` per resource, one after another.
 async fn put_loop(resources: &[&Value], destination: &str) -> f64 {
     let client = reqwest::Client::new();
+    let bearer = format!("Bearer {BENCH_KEY}");
     let started = Instant::now();
     for resource in resources {
         let url = format!(
@@ -250,6 +280,7 @@ async fn put_loop(resources: &[&Value], destination: &str) -> f64 {
         );
         let response = client
             .put(url)
+            .header("authorization", &bearer)
             .header("content-type", "application/fhir+json")
             .body(serde_json::to_vec(resource).expect("json"))
             .send()

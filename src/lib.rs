@@ -8,10 +8,12 @@
 //! FHIR clients (EHR sources, Azure and other destinations) and [`sync`] the durable outbox that
 //! moves resources between them; configured sources are also readable under `/fhir/{source}/`.
 //! [`pas`] answers Da Vinci PAS `Claim/$submit` and `$inquire` from the same determination and
-//! notifies subscribers; [`packet`] renders prior-authorization packets as PDFs.
+//! notifies subscribers; [`packet`] renders prior-authorization packets as PDFs. [`auth`]
+//! stands in front of all of it: who is calling (tokens, API keys) and what they may do.
 //! [`config`] is read once at startup. [`run`] ties them together: it takes an already-bound
 //! listener and a shutdown future, so tests start a real server on `127.0.0.1:0`.
 
+pub mod auth;
 pub mod cds;
 pub mod config;
 pub mod fhir;
@@ -100,6 +102,18 @@ impl App {
         pas::subscription::resume(&pas)
             .await
             .context("resuming PAS subscription handshakes")?;
+        let auth = Arc::new(
+            auth::AuthApi::build(
+                &config.auth,
+                &config.store.data_dir,
+                store.clone(),
+                search.clone(),
+                config.sources.keys().cloned().collect(),
+                public_base,
+            )
+            .await
+            .context("setting up authentication")?,
+        );
         let fhir = Arc::new(FhirApi::new(
             store.clone(),
             schema,
@@ -139,6 +153,7 @@ impl App {
             .merge(pas::router(pas.clone()))
             .merge(sync::router(sync_api.clone()))
             .merge(http::ops_router(store.clone()))
+            .merge(auth::router(auth.clone()))
             .layer(axum::middleware::from_fn_with_state(
                 proxies,
                 server::proxy::route_to_source,
@@ -146,7 +161,9 @@ impl App {
             .layer(axum::middleware::from_fn_with_state(
                 pas,
                 pas::subscription::intercept_create,
-            ));
+            ))
+            // Outermost of the routes' layers: nothing runs for a caller before it is allowed.
+            .layer(axum::middleware::from_fn_with_state(auth, auth::guard));
         Ok(Self {
             router: http::app(routes, &config.server),
             store,

@@ -39,6 +39,26 @@ enum Command {
     /// Check payer policies or explain a determination.
     #[command(subcommand)]
     Policy(PolicyCommand),
+    /// Credentials for callers.
+    #[command(subcommand)]
+    Auth(AuthCommand),
+}
+
+#[derive(Subcommand)]
+enum AuthCommand {
+    /// Print a new random API key and the `[[auth.api_keys]]` entry (its SHA-256) that makes
+    /// the server accept it. The key is printed once and stored nowhere.
+    NewKey {
+        /// The service account's name.
+        #[arg(long)]
+        name: String,
+        /// Roles (admin, clinician, staff, reviewer, sync-operator, read-only); repeatable.
+        #[arg(long = "role")]
+        roles: Vec<String>,
+        /// SMART scopes (`system/Claim.c`); repeatable.
+        #[arg(long = "scope")]
+        scopes: Vec<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -108,6 +128,32 @@ fn main() -> anyhow::Result<()> {
             let code = runtime.block_on(fhirgate::sync::cli::run(config, options))?;
             drop(runtime);
             std::process::exit(code);
+        }
+        Command::Auth(AuthCommand::NewKey {
+            name,
+            roles,
+            scopes,
+        }) => {
+            fhirgate::auth::check_roles(&roles).map_err(anyhow::Error::msg)?;
+            if let Some(bad) = scopes
+                .iter()
+                .find(|s| fhirgate::auth::scopes::Scope::parse(s).is_none())
+            {
+                anyhow::bail!("{bad:?} is not a SMART resource scope");
+            }
+            if roles.is_empty() && scopes.is_empty() {
+                anyhow::bail!("give at least one --role or --scope");
+            }
+            let key = fhirgate::auth::keys::new_key();
+            let entry = toml::to_string(&toml::toml! {
+                [[auth.api_keys]]
+                name = name
+                sha256 = (fhirgate::auth::keys::hash(&key))
+                roles = roles
+                scopes = scopes
+            })?;
+            println!("API key (shown once; give it to the service as `Authorization: Bearer <key>`):\n{key}\n\nAdd to the configuration file:\n{entry}");
+            Ok(())
         }
         Command::Policy(PolicyCommand::Check { dir }) => match PolicySet::load_dir(&dir) {
             Ok(set) => {

@@ -71,6 +71,82 @@ pub struct Config {
     /// FHIR stores resources are synced to, by name. `local` (the embedded store) always exists.
     pub destinations: BTreeMap<String, DestinationConfig>,
     pub sync: SyncConfig,
+    pub auth: AuthConfig,
+}
+
+/// Who may call fhirgate, and how callers prove it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Every endpoint but health checks, the CapabilityStatement, CDS Hooks (which checks its
+    /// own JWTs) and the token endpoint needs an authenticated caller. `false` is for local
+    /// development only, and the server says so loudly.
+    pub required: bool,
+    /// Identity providers whose bearer JWTs are accepted (RS256/RS384/ES256/ES384).
+    pub issuers: Vec<JwtIssuer>,
+    /// Backend clients that may get tokens from `POST /auth/token` (SMART Backend Services).
+    pub clients: Vec<BackendClient>,
+    /// Service accounts with API keys given in configuration (the key's SHA-256, hex).
+    pub api_keys: Vec<ConfiguredApiKey>,
+    /// Lifetime of tokens fhirgate issues, in seconds (at most 300).
+    pub token_lifetime_secs: u64,
+    /// Let anyone read `/metrics` (for a scraper on a private network).
+    pub open_metrics: bool,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            required: true,
+            issuers: Vec::new(),
+            clients: Vec::new(),
+            api_keys: Vec::new(),
+            token_lifetime_secs: 300,
+            open_metrics: false,
+        }
+    }
+}
+
+/// An identity provider.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JwtIssuer {
+    pub iss: String,
+    #[serde(default)]
+    pub jwks_file: Option<PathBuf>,
+    #[serde(default)]
+    pub jwks_url: Option<String>,
+    /// The `aud` its tokens must carry (default: this server's public base URL).
+    #[serde(default)]
+    pub audience: Option<String>,
+}
+
+/// A backend client of the token endpoint.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendClient {
+    pub client_id: String,
+    /// Its public keys, to check its signed assertions.
+    pub jwks_file: PathBuf,
+    /// Scopes it may be granted (SMART, e.g. `system/Claim.c system/ClaimResponse.r`).
+    #[serde(default)]
+    pub scopes: Vec<String>,
+    /// fhirgate roles its tokens carry.
+    #[serde(default)]
+    pub roles: Vec<String>,
+}
+
+/// A service account's API key, by its SHA-256.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfiguredApiKey {
+    pub name: String,
+    /// Hex SHA-256 of the key.
+    pub sha256: String,
+    #[serde(default)]
+    pub roles: Vec<String>,
+    #[serde(default)]
+    pub scopes: Vec<String>,
 }
 
 /// What kind of server a source is; it decides URL shapes and search rules.
@@ -571,6 +647,11 @@ impl Config {
                         }
                     }
                 }
+                "auth__required" => self.auth.required = parse(&value).map_err(bad)?,
+                "auth__open_metrics" => self.auth.open_metrics = parse(&value).map_err(bad)?,
+                "auth__token_lifetime_secs" => {
+                    self.auth.token_lifetime_secs = parse(&value).map_err(bad)?
+                }
                 "sync__max_attempts" => self.sync.max_attempts = parse(&value).map_err(bad)?,
                 "sync__backoff_base_ms" => {
                     self.sync.backoff_base_ms = parse(&value).map_err(bad)?
@@ -581,7 +662,9 @@ impl Config {
                 "sync__default_source" => self.sync.default_source = Some(value.clone()),
                 "sync__default_destination" => self.sync.default_destination = Some(value.clone()),
                 // The config file path itself is read by the CLI, not here.
-                "config" => {}
+                // Read by the command line, not the server: the config file, and the credential
+                // `fhirgate sync --server` presents.
+                "config" | "api_key" => {}
                 other => {
                     if !self.apply_remote_env(other, &value) {
                         return Err(bad("unknown setting".into()));

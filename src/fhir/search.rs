@@ -234,6 +234,14 @@ impl SearchRegistry {
         self.params(resource_type).iter().find(|d| d.name == name)
     }
 
+    /// The references (`Type/id`) `resource` holds for the reference parameter `name`.
+    pub fn references_of(&self, resource_type: &str, name: &str, resource: &Value) -> Vec<String> {
+        match self.param(resource_type, name) {
+            Some(def) if def.kind == ParamKind::Reference => references(resource, def),
+            _ => Vec::new(),
+        }
+    }
+
     /// The index keys `resource` contributes: `{param}\u{1f}{key}` for every token and
     /// reference value. The store pairs them with the type and id. Keys put the most selective
     /// part first (`t:{code}|{system}`, `r:{id}|{Type}`), so one key per value also answers the

@@ -109,6 +109,21 @@ pub(super) fn capability_statement(
         "format": ["application/fhir+json", "json"],
         "rest": [{
             "mode": "server",
+            // SMART on FHIR: where backend clients get tokens (see `auth`).
+            "security": {
+                "cors": false,
+                "service": [{"coding": [{
+                    "system": "http://terminology.hl7.org/CodeSystem/restful-security-service",
+                    "code": "SMART-on-FHIR",
+                }]}],
+                "extension": [{
+                    "url": "http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-uris",
+                    "extension": [{
+                        "url": "token",
+                        "valueUri": format!("{}/auth/token", base_url.trim_end_matches('/').trim_end_matches("/fhir")),
+                    }],
+                }],
+            },
             "resource": resources,
             "interaction": [{"code": "transaction"}, {"code": "batch"}],
         }],

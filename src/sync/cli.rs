@@ -36,6 +36,9 @@ pub struct SyncOptions {
     /// Run the job on this running gateway (`http://host:8080`) instead of in this process.
     #[arg(long)]
     pub server: Option<String>,
+    /// With --server: the API key or bearer token to present (a sync-operator's).
+    #[arg(long, env = "FHIRGATE_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
 }
 
 impl SyncOptions {
@@ -143,7 +146,16 @@ async fn run_local(
 
 async fn run_remote(server: &str, options: &SyncOptions) -> anyhow::Result<(Job, Vec<DeadLetter>)> {
     let server = server.trim_end_matches('/');
-    let http = reqwest::Client::new();
+    let mut headers = reqwest::header::HeaderMap::new();
+    if let Some(key) = &options.api_key {
+        let mut value = reqwest::header::HeaderValue::from_str(&format!("Bearer {}", key.trim()))
+            .context("the API key is not a valid header value")?;
+        value.set_sensitive(true);
+        headers.insert(reqwest::header::AUTHORIZATION, value);
+    }
+    let http = reqwest::Client::builder()
+        .default_headers(headers)
+        .build()?;
     let response = http
         .post(format!("{server}/sync/jobs"))
         .json(&options.request())

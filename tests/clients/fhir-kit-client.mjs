@@ -1,8 +1,8 @@
 // A third-party FHIR client (npm fhir-kit-client) against a running fhirgate.
-// Run by tests/it/client.rs with FHIR_BASE set; prints one JSON line and exits 0 on success.
+// Run by tests/it/client.rs with FHIR_BASE and FHIR_TOKEN (a bearer credential) set; prints one JSON line and exits 0 on success.
 import { Client } from 'fhir-kit-client';
 
-const client = new Client({ baseUrl: process.env.FHIR_BASE });
+const client = new Client({ baseUrl: process.env.FHIR_BASE, bearerToken: process.env.FHIR_TOKEN });
 const checks = [];
 function expect(name, ok, detail) {
   checks.push(name);

@@ -202,7 +202,7 @@ async fn every_request_example_is_answered_per_spec() {
         let hook = example["hook"].as_str().expect("hook").to_owned();
         // Point the example at the stand-in EHR and lend a token for it.
         example["fhirServer"] = json!(ehr_base);
-        example["fhirAuthorization"] = json!({"access_token":"test-token","token_type":"Bearer","expires_in":300,"scope":"patient/*.read","subject":"cds-service"});
+        example["fhirAuthorization"] = json!({"access_token":crate::helpers::TEST_ADMIN_KEY,"token_type":"Bearer","expires_in":300,"scope":"patient/*.read","subject":"cds-service"});
         let (status, body) = call(&app, &format!("crd-{hook}"), &example).await;
         match hook.as_str() {
             // Hooks this server has no service for.

@@ -44,6 +44,7 @@ async fn fhir_kit_client_reads_creates_searches_and_pages() {
         Command::new("node")
             .arg(dir.join("check.mjs"))
             .env("FHIR_BASE", base)
+            .env("FHIR_TOKEN", crate::helpers::TEST_ADMIN_KEY)
             .output()
             .expect("node is needed for the third-party client test")
     })

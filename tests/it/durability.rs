@@ -11,6 +11,15 @@ use serde_json::json;
 pub struct Server {
     pub child: Child,
     pub base: String,
+    /// The admin key the server made on its first start (`{data_dir}/admin-api-key`).
+    pub admin_key: String,
+}
+
+impl Server {
+    /// A client that authenticates with the server's admin key.
+    pub fn client(&self) -> Client {
+        crate::helpers::client_with(&self.admin_key)
+    }
 }
 
 impl Drop for Server {
@@ -69,7 +78,15 @@ pub async fn start_binary(
     for _ in 0..600 {
         if let Ok(r) = client.get(format!("{base}/readyz")).send().await {
             if r.status() == StatusCode::OK {
-                return Server { child, base };
+                let admin_key = std::fs::read_to_string(data_dir.join("admin-api-key"))
+                    .expect("a fresh server writes its first admin key")
+                    .trim()
+                    .to_owned();
+                return Server {
+                    child,
+                    base,
+                    admin_key,
+                };
             }
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -83,7 +100,7 @@ pub async fn start_binary(
 async fn acknowledged_writes_survive_sigkill() {
     let dir = tempfile::tempdir().expect("temp dir");
     let mut server = start(dir.path()).await;
-    let client = Client::new();
+    let client = server.client();
     let acknowledged: Arc<Mutex<Vec<(String, u64)>>> = Arc::new(Mutex::new(Vec::new()));
 
     // Four writers stream creates and updates until the server dies under them.

@@ -7,6 +7,22 @@ use reqwest::{Client, Method, Response, StatusCode};
 use serde_json::Value;
 use tokio::sync::oneshot;
 
+/// The admin API key every [`TestApp`] accepts; its client sends it.
+pub const TEST_ADMIN_KEY: &str = "fg_test-admin-key-for-integration-tests-only";
+
+/// A client that sends `Authorization: Bearer {credential}` with every request.
+pub fn client_with(credential: &str) -> Client {
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert(
+        reqwest::header::AUTHORIZATION,
+        reqwest::header::HeaderValue::from_str(&format!("Bearer {credential}")).expect("header"),
+    );
+    Client::builder()
+        .default_headers(headers)
+        .build()
+        .expect("client")
+}
+
 /// The `iss` of the test CDS client whose keys are in `certs/`.
 pub const TEST_ISSUER: &str = "https://ehr.test";
 
@@ -91,6 +107,12 @@ impl TestApp {
             jku: Vec::new(),
             fhir_servers: Vec::new(),
         }];
+        config.auth.api_keys = vec![fhirgate::config::ConfiguredApiKey {
+            name: "test-admin".into(),
+            sha256: fhirgate::auth::keys::hash(TEST_ADMIN_KEY),
+            roles: vec!["admin".into()],
+            scopes: Vec::new(),
+        }];
         configure(&mut config);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
@@ -102,7 +124,7 @@ impl TestApp {
         }));
         Self {
             base,
-            client: Client::new(),
+            client: client_with(TEST_ADMIN_KEY),
             data_dir,
             shutdown: Some(tx),
             server: Some(server),

@@ -255,14 +255,40 @@ async fn synthea_arrives_in_a_second_fhirgate_process_over_http() {
         source_double.load_synthea(file);
     }
     let expected = source_double.resources();
+    // The second fhirgate lets the first one in as a SMART backend client: the first signs an
+    // assertion with its key and gets a token from the second's token endpoint.
     let dir = tempfile::tempdir().expect("temp dir");
-    let remote =
-        crate::durability::start_binary(dir.path(), None, crate::durability::free_port()).await;
+    let certs = Path::new(env!("CARGO_MANIFEST_DIR")).join("certs");
+    let remote_config = dir.path().join("fhirgate.toml");
+    std::fs::write(
+        &remote_config,
+        format!(
+            "[[auth.clients]]\nclient_id = \"first-gateway\"\njwks_file = {:?}\nscopes = [\"system/*.cruds\"]\n",
+            certs.join("test-cds-client.jwks.json")
+        ),
+    )
+    .expect("config");
+    let remote = crate::durability::start_binary(
+        &dir.path().join("data"),
+        Some(&remote_config),
+        crate::durability::free_port(),
+    )
+    .await;
     let remote_fhir = format!("{}/fhir", remote.base);
     let source = source_for(&source_double, SourceKind::Fhir, None);
     let app = TestApp::start_with(|config| {
         config.sources.insert("ehr".into(), source);
         let mut second = destination(DestinationKind::Fhir, Some(remote_fhir.clone()));
+        second.auth = Some(fhirgate::config::OAuthConfig {
+            token_url: Some(format!("{}/auth/token", remote.base)),
+            client_id: "first-gateway".into(),
+            client_secret: None,
+            method: fhirgate::config::ClientAuthMethod::PrivateKeyJwt,
+            private_key_file: Some(certs.join("test-cds-client-rs384.key")),
+            key_id: Some("test-rs384".into()),
+            algorithm: Some("RS384".into()),
+            scopes: Some("system/*.cruds".into()),
+        });
         second.batch_size = Some(100);
         config.destinations.insert("second".into(), second);
     })
@@ -274,7 +300,7 @@ async fn synthea_arrives_in_a_second_fhirgate_process_over_http() {
     .await;
     assert_eq!(job["state"], "completed", "{job}");
     assert_eq!(job["counts"]["done"], expected.len() as u64);
-    let client = reqwest::Client::new();
+    let client = remote.client();
     for resource in &expected {
         let url = format!(
             "{remote_fhir}/{}/{}",
@@ -790,7 +816,10 @@ async fn raw_get(base: &str, path: &str) -> String {
     let mut stream = tokio::net::TcpStream::connect(address)
         .await
         .expect("connect");
-    let request = format!("GET {path} HTTP/1.1\r\nhost: {address}\r\nconnection: close\r\n\r\n");
+    let request = format!(
+        "GET {path} HTTP/1.1\r\nhost: {address}\r\nauthorization: Bearer {}\r\nconnection: close\r\n\r\n",
+        crate::helpers::TEST_ADMIN_KEY
+    );
     stream.write_all(request.as_bytes()).await.expect("send");
     let mut answer = Vec::new();
     stream.read_to_end(&mut answer).await.expect("read");
@@ -1011,6 +1040,56 @@ async fn the_sync_command_prints_a_summary_and_fails_on_dead_letters() {
         out.contains("dead letter") && out.contains("Patient/bad"),
         "{out}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sync_command_runs_jobs_on_a_server_with_a_sync_operator_key() {
+    let ehr = FhirDouble::start(Flavor::Plain, Options::default()).await;
+    ehr.put_resource(crate::helpers::patient("p1"));
+    let source = source_for(&ehr, SourceKind::Fhir, None);
+    let app = TestApp::start_with(|config| {
+        config.sources.insert("ehr".into(), source);
+    })
+    .await;
+    let (status, made) = json(
+        app.client
+            .post(app.url("/auth/api-keys"))
+            .json(&json!({"name": "nightly-sync", "roles": ["sync-operator"]}))
+            .send()
+            .await
+            .expect("key"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{made}");
+    let key = made["key"].as_str().expect("key").to_owned();
+    let data = tempfile::tempdir().expect("temp dir");
+    let args = |key: Option<&str>| {
+        let mut args: Vec<String> = [
+            "sync",
+            "--server",
+            &app.base,
+            "--source",
+            "ehr",
+            "--destination",
+            "local",
+            "--types",
+            "Patient",
+        ]
+        .iter()
+        .map(|a| (*a).to_owned())
+        .collect();
+        if let Some(key) = key {
+            args.extend(["--api-key".to_owned(), key.to_owned()]);
+        }
+        args
+    };
+    let (code, out) = run_cli(args(None), data.path().to_path_buf()).await;
+    assert_ne!(code, 0, "no key, no job: {out}");
+    let (code, out) = run_cli(args(Some(&key)), data.path().to_path_buf()).await;
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains(": completed"), "{out}");
+    let (status, _) = json(app.get("/Patient/p1").await).await;
+    assert_eq!(status, StatusCode::OK);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -550,7 +550,7 @@ async fn a_sync_killed_with_sigkill_resumes_and_delivers_each_version_once() {
     let data = dir.path().join("data");
     let port = crate::durability::free_port();
     let mut server = crate::durability::start_binary(&data, Some(&config), port).await;
-    let client = reqwest::Client::new();
+    let client = server.client();
     let (status, job) = json(
         client
             .post(format!("{}/sync/jobs", server.base))
