@@ -402,10 +402,60 @@ fn ingest(c: &mut Criterion) {
     group.finish();
 }
 
+/// Audit records: one committed before it returns (what a write waits for), and a burst of
+/// 1,000 recorded without waiting (reads), until all are committed.
+fn audit(c: &mut Criterion) {
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let registry = Arc::new(SearchRegistry::new(
+        &SchemaValidator::bundled().expect("schema"),
+    ));
+    let mut group = c.benchmark_group("audit");
+    for (medium, dir) in data_dirs() {
+        let store: Arc<dyn fhirgate::store::Store> = Arc::new(
+            EmbeddedStore::open(
+                dir.path(),
+                registry.clone(),
+                std::time::Duration::from_secs(30),
+            )
+            .expect("store"),
+        );
+        let log = runtime
+            .block_on(fhirgate::audit::AuditLog::start(store.clone(), 0))
+            .expect("audit log");
+        let entry = || {
+            let mut entry = fhirgate::audit::Entry::now("api-key:bench", "api-key", "read");
+            entry.resource_type = Some("Patient".into());
+            entry.resource_id = Some("p-1".into());
+            entry.outcome = 200;
+            entry.source = Some("127.0.0.1".into());
+            entry.request_id = Some("5a1c0f3e-8f1e-4c6e-9d43-1b2f0e7d9a10".into());
+            entry
+        };
+        group.throughput(Throughput::Elements(1));
+        group.bench_function(BenchmarkId::new("record_durably", medium), |b| {
+            b.to_async(&runtime)
+                .iter(|| async { log.record_durably(entry()).await })
+        });
+        group.throughput(Throughput::Elements(1000));
+        group.bench_function(BenchmarkId::new("record_1000_then_flush", medium), |b| {
+            b.to_async(&runtime).iter(|| async {
+                for _ in 0..1000 {
+                    log.record(entry()).await;
+                }
+                log.flush().await;
+            })
+        });
+        runtime.block_on(log.shutdown(std::time::Duration::from_secs(10)));
+        runtime.block_on(store.close());
+    }
+    group.finish();
+}
+
 criterion_group!(
     benches,
     validation,
     store,
+    audit,
     router_put_get,
     http_put_get,
     ingest,

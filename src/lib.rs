@@ -9,10 +9,12 @@
 //! moves resources between them; configured sources are also readable under `/fhir/{source}/`.
 //! [`pas`] answers Da Vinci PAS `Claim/$submit` and `$inquire` from the same determination and
 //! notifies subscribers; [`packet`] renders prior-authorization packets as PDFs. [`auth`]
-//! stands in front of all of it: who is calling (tokens, API keys) and what they may do.
+//! stands in front of all of it: who is calling (tokens, API keys) and what they may do, and
+//! [`audit`] keeps the hash-chained record of every access.
 //! [`config`] is read once at startup. [`run`] ties them together: it takes an already-bound
 //! listener and a shutdown future, so tests start a real server on `127.0.0.1:0`.
 
+pub mod audit;
 pub mod auth;
 pub mod cds;
 pub mod config;
@@ -46,6 +48,7 @@ pub struct App {
     pub policies: Arc<pa::PolicySet>,
     pub sync: Arc<sync::SyncEngine>,
     pub sync_api: Arc<sync::api::SyncApi>,
+    pub audit: Arc<audit::AuditLog>,
 }
 
 impl App {
@@ -102,6 +105,10 @@ impl App {
         pas::subscription::resume(&pas)
             .await
             .context("resuming PAS subscription handshakes")?;
+        let audit = audit::AuditLog::start(store.clone(), config.audit.retention_days)
+            .await
+            .context("opening the audit log")?;
+        audit.record_start(config).await;
         let auth = Arc::new(
             auth::AuthApi::build(
                 &config.auth,
@@ -110,6 +117,7 @@ impl App {
                 search.clone(),
                 config.sources.keys().cloned().collect(),
                 public_base,
+                audit.clone(),
             )
             .await
             .context("setting up authentication")?,
@@ -154,6 +162,10 @@ impl App {
             .merge(sync::router(sync_api.clone()))
             .merge(http::ops_router(store.clone()))
             .merge(auth::router(auth.clone()))
+            .merge(audit::events::router(Arc::new(audit::events::AuditApi {
+                log: audit.clone(),
+                fhir_base: format!("{}/fhir", public_base.trim_end_matches('/')),
+            })))
             .layer(axum::middleware::from_fn_with_state(
                 proxies,
                 server::proxy::route_to_source,
@@ -170,6 +182,7 @@ impl App {
             policies,
             sync: engine,
             sync_api,
+            audit,
         })
     }
 }
@@ -216,6 +229,9 @@ where
     )
     .await;
     app.sync
+        .shutdown(Duration::from_secs(config.server.shutdown_grace_secs))
+        .await;
+    app.audit
         .shutdown(Duration::from_secs(config.server.shutdown_grace_secs))
         .await;
     app.store.close().await;

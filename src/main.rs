@@ -42,6 +42,21 @@ enum Command {
     /// Credentials for callers.
     #[command(subcommand)]
     Auth(AuthCommand),
+    /// The audit log.
+    #[command(subcommand)]
+    Audit(AuditCommand),
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Check that no audit record was edited, removed or reordered. Run it with the server
+    /// stopped (the store is opened directly); a running server answers `GET /audit/verify`.
+    /// Exits with 1 when the chain is broken.
+    Verify {
+        /// TOML configuration file (for the data folder).
+        #[arg(long, env = "FHIRGATE_CONFIG")]
+        config: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -154,6 +169,11 @@ fn main() -> anyhow::Result<()> {
             })?;
             println!("API key (shown once; give it to the service as `Authorization: Bearer <key>`):\n{key}\n\nAdd to the configuration file:\n{entry}");
             Ok(())
+        }
+        Command::Audit(AuditCommand::Verify { config }) => {
+            let config = fhirgate::config::Config::load(config.as_deref())?;
+            let code = runtime()?.block_on(fhirgate::audit::verify_offline(&config))?;
+            std::process::exit(code);
         }
         Command::Policy(PolicyCommand::Check { dir }) => match PolicySet::load_dir(&dir) {
             Ok(set) => {

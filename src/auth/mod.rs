@@ -29,6 +29,7 @@ use http::{header, HeaderMap, HeaderValue, Method, StatusCode, Uri};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+use crate::audit::{AuditLog, Entry};
 use crate::config::AuthConfig;
 use crate::fhir::{FhirError, Issue, SearchRegistry};
 use crate::store::Store;
@@ -170,6 +171,13 @@ fn classify(method: &Method, path: &str, sources: &BTreeSet<String>, open_metric
         return Need::Public;
     }
     if path == "/auth/api-keys" || path.starts_with("/auth/api-keys/") {
+        return Need::Role(&[ADMIN]);
+    }
+    // The audit log is for admins only, whatever the caller's scopes.
+    if path == "/fhir/AuditEvent"
+        || path.starts_with("/fhir/AuditEvent/")
+        || path == "/audit/verify"
+    {
         return Need::Role(&[ADMIN]);
     }
     if path.starts_with("/sync/") || path.starts_with("/api/sync-") {
@@ -316,6 +324,7 @@ pub struct AuthApi {
     /// Configured EHR sources, readable under `/fhir/{source}/`.
     sources: BTreeSet<String>,
     public_base: String,
+    pub audit: Arc<AuditLog>,
 }
 
 /// The largest read response a patient-context check buffers.
@@ -330,6 +339,7 @@ impl AuthApi {
         search: Arc<SearchRegistry>,
         sources: BTreeSet<String>,
         public_base: &str,
+        audit: Arc<AuditLog>,
     ) -> anyhow::Result<Self> {
         for client in &config.clients {
             check_roles(&client.roles)
@@ -365,6 +375,7 @@ impl AuthApi {
             search,
             sources,
             public_base: public_base.trim_end_matches('/').to_owned(),
+            audit,
         })
     }
 
@@ -501,8 +512,9 @@ fn reaches_beyond(query: &str) -> bool {
 /// The largest `_search` form a patient-context check reads.
 const MAX_SEARCH_FORM: usize = 1 << 20;
 
-/// The middleware: authenticate, authorize, narrow, and pass the caller on to the handler.
-pub async fn guard(State(auth): State<Arc<AuthApi>>, mut request: Request, next: Next) -> Response {
+/// The middleware: authenticate, authorize, narrow, pass the caller on to the handler, and
+/// record what happened in the audit log (writes before they are answered).
+pub async fn guard(State(auth): State<Arc<AuthApi>>, request: Request, next: Next) -> Response {
     let need = classify(
         request.method(),
         request.uri().path(),
@@ -510,26 +522,76 @@ pub async fn guard(State(auth): State<Arc<AuthApi>>, mut request: Request, next:
         auth.open_metrics,
     );
     if need == Need::Public {
-        return next.run(request).await;
+        return match cds_call(request.method(), request.uri().path()) {
+            // CDS clients prove themselves inside the service (`cds::auth`); the call is
+            // recorded here all the same, as it reads patient data.
+            Some(path) => {
+                let mut entry = audit_entry(&request, "operation", None, None, Some(path));
+                entry.who = "cds-client".into();
+                entry.via = "cds-jwt".into();
+                let response = next.run(request).await;
+                entry.outcome = response.status().as_u16();
+                auth.audit.record(entry).await;
+                response
+            }
+            None => next.run(request).await,
+        };
     }
+    let mut entry = describe(&request, &need, &auth.sources);
+    let writes = !matches!(*request.method(), Method::GET | Method::HEAD);
+    let response = admit(&auth, need, request, next, &mut entry).await;
+    entry.outcome = response.status().as_u16();
+    if entry.action == "create" && entry.resource_id.is_none() {
+        entry.resource_id = created_id(&response);
+    }
+    if writes && response.status().is_success() {
+        auth.audit.record_durably(entry).await;
+    } else {
+        auth.audit.record(entry).await;
+    }
+    response
+}
+
+/// Sets why a request was refused on its audit entry, and answers the refusal.
+fn refuse(entry: &mut Entry, refusal: Refusal) -> Response {
+    entry.detail = Some(match entry.detail.take() {
+        Some(detail) => format!("{detail}; refused: {}", refusal.reason),
+        None => format!("refused: {}", refusal.reason),
+    });
+    refusal.into_response()
+}
+
+/// The guard's work between classifying a request and recording it.
+async fn admit(
+    auth: &AuthApi,
+    need: Need,
+    mut request: Request,
+    next: Next,
+    entry: &mut Entry,
+) -> Response {
     let principal = if auth.required {
         match auth.authenticate(request.headers()).await {
             Ok(Some(principal)) => principal,
-            Ok(None) => return Refusal::unauthenticated("no credentials").into_response(),
+            Ok(None) => return refuse(entry, Refusal::unauthenticated("no credentials")),
             Err(failure) => {
                 tracing::warn!(reason = failure.reason, "credentials refused");
-                return Refusal::unauthenticated(failure.reason).into_response();
+                entry.action = "login".into();
+                return refuse(entry, Refusal::unauthenticated(failure.reason));
             }
         }
     } else {
         Principal::anonymous()
     };
+    entry.who.clone_from(&principal.subject);
+    entry.via = principal.via.into();
     let narrowing = match &need {
         Need::Public => None,
         Need::Role(roles) if principal.has_any_role(roles) => None,
         Need::Role(roles) => {
-            return Refusal::forbidden(format!("this needs the role {}", roles.join(" or ")))
-                .into_response()
+            return refuse(
+                entry,
+                Refusal::forbidden(format!("this needs the role {}", roles.join(" or "))),
+            )
         }
         Need::Everything
             if principal.is_admin() || scopes::allows_everything(&principal.effective_scopes()) =>
@@ -537,14 +599,23 @@ pub async fn guard(State(auth): State<Arc<AuthApi>>, mut request: Request, next:
             None
         }
         Need::Everything => {
-            return Refusal::forbidden("this needs access to every resource type").into_response()
+            return refuse(
+                entry,
+                Refusal::forbidden("this needs access to every resource type"),
+            )
         }
         Need::Fhir(access) => match auth.authorize_fhir(&principal, access) {
             Ok(narrowing) => narrowing,
-            Err(refusal) => return refusal.into_response(),
+            Err(refusal) => return refuse(entry, refusal),
         },
     };
     let patient = principal.patient.clone().unwrap_or_default();
+    if let Some(patient) = &principal.patient {
+        entry.detail = Some(match entry.detail.take() {
+            Some(detail) => format!("{detail}; patient context Patient/{patient}"),
+            None => format!("patient context Patient/{patient}"),
+        });
+    }
     request.extensions_mut().insert(principal);
     match narrowing {
         None => next.run(request).await,
@@ -553,7 +624,7 @@ pub async fn guard(State(auth): State<Arc<AuthApi>>, mut request: Request, next:
                 "_include, _revinclude, _has and _contained are not available to a patient-context token",
             );
             if reaches_beyond(request.uri().query().unwrap_or_default()) {
-                return beyond.into_response();
+                return refuse(entry, beyond);
             }
             if request.method() == Method::POST {
                 // `_search` by POST: its parameters are in the form too.
@@ -566,7 +637,7 @@ pub async fn guard(State(auth): State<Arc<AuthApi>>, mut request: Request, next:
                     .into_response();
                 };
                 if reaches_beyond(&String::from_utf8_lossy(&form)) {
-                    return beyond.into_response();
+                    return refuse(entry, beyond);
                 }
                 request = Request::from_parts(parts, Body::from(form));
             }
@@ -591,12 +662,145 @@ pub async fn guard(State(auth): State<Arc<AuthApi>>, mut request: Request, next:
             let inside = serde_json::from_slice::<Value>(&bytes)
                 .is_ok_and(|resource| auth.in_compartment(&resource, &patient));
             if !inside {
-                return Refusal::forbidden("the resource is outside the patient's compartment")
-                    .into_response();
+                return refuse(
+                    entry,
+                    Refusal::forbidden("the resource is outside the patient's compartment"),
+                );
             }
             Response::from_parts(parts, Body::from(bytes))
         }
     }
+}
+
+/// `POST /cds-services/{id}` (and its feedback): the path, when it is one.
+fn cds_call<'a>(method: &Method, path: &'a str) -> Option<&'a str> {
+    (*method == Method::POST && path.starts_with("/cds-services/")).then_some(path)
+}
+
+/// A fresh audit entry for `request`: time, source address, request id and what it does.
+fn audit_entry(
+    request: &Request,
+    action: &str,
+    resource_type: Option<String>,
+    resource_id: Option<String>,
+    detail: Option<&str>,
+) -> Entry {
+    let mut entry = Entry::now("unauthenticated", "none", action);
+    entry.resource_type = resource_type;
+    entry.resource_id = resource_id;
+    entry.detail = detail.map(str::to_owned);
+    entry.source = request
+        .extensions()
+        .get::<axum::extract::ConnectInfo<crate::http::ClientAddr>>()
+        .map(|info| info.0 .0.ip().to_string());
+    entry.request_id = request
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .map(|id| id.chars().take(200).collect());
+    entry
+}
+
+/// The names (never the values) of a query's parameters, sorted.
+fn parameter_names(query: &str) -> String {
+    let pairs: Vec<(String, String)> = serde_urlencoded::from_str(query).unwrap_or_default();
+    let names: BTreeSet<String> = pairs
+        .into_iter()
+        .map(|(name, _)| name.chars().take(100).collect())
+        .collect();
+    names.into_iter().collect::<Vec<_>>().join(",")
+}
+
+/// The audit entry of a request that needs a caller: its action, resource and a detail that
+/// names the route and the search parameters, never their values.
+fn describe(request: &Request, need: &Need, sources: &BTreeSet<String>) -> Entry {
+    let method = request.method();
+    let path = request.uri().path();
+    let query = request.uri().query().unwrap_or_default();
+    let read = matches!(*method, Method::GET | Method::HEAD);
+    let via_source = path
+        .strip_prefix("/fhir/")
+        .and_then(|rest| rest.split('/').next())
+        .filter(|first| sources.contains(*first))
+        .map(|source| format!("source {source}"));
+    let searched = (!query.is_empty()).then(|| format!("params {}", parameter_names(query)));
+    let detail = [via_source, searched]
+        .into_iter()
+        .flatten()
+        .collect::<Vec<_>>()
+        .join("; ");
+    let detail = (!detail.is_empty()).then_some(detail);
+    match need {
+        Need::Fhir(access) => {
+            let action = match access.action {
+                Action::Search if path.ends_with("/$inquire") => "operation",
+                Action::Search => "search-type",
+                Action::Create if path.ends_with("/$submit") => "operation",
+                Action::Create => "create",
+                Action::Update => "update",
+                Action::Delete => "delete",
+                Action::Read if path.ends_with("/$status") => "operation",
+                Action::Read if path.ends_with("/_history") && access.id.is_some() => {
+                    "history-instance"
+                }
+                Action::Read if path.ends_with("/_history") => "history-type",
+                Action::Read if path.contains("/_history/") => "vread",
+                Action::Read => "read",
+            };
+            audit_entry(
+                request,
+                action,
+                Some(access.resource_type.clone()),
+                access.id.clone(),
+                detail.as_deref(),
+            )
+        }
+        _ => {
+            let action = if path.starts_with("/auth/api-keys") && !read {
+                "admin"
+            } else if path == "/sync/jobs" && !read
+                || path.starts_with("/api/sync-")
+                || path.starts_with("/sync/dead-letters/") && !read
+                || path.ends_with("/write-back")
+            {
+                "export"
+            } else if matches!(path, "/fhir" | "/fhir/") && !read {
+                "batch"
+            } else if path.starts_with("/fhir/AuditEvent") && read {
+                if path == "/fhir/AuditEvent" {
+                    "search-type"
+                } else {
+                    "read"
+                }
+            } else if read {
+                "read"
+            } else {
+                "operation"
+            };
+            let route = format!("{method} {path}");
+            let detail = match detail {
+                Some(detail) => format!("{route}; {detail}"),
+                None => route,
+            };
+            let (resource_type, id) = match path.strip_prefix("/fhir/AuditEvent") {
+                Some("") => (Some("AuditEvent".to_owned()), None),
+                Some(rest) => (
+                    Some("AuditEvent".to_owned()),
+                    rest.strip_prefix('/').map(str::to_owned),
+                ),
+                None => (None, None),
+            };
+            audit_entry(request, action, resource_type, id, Some(&detail))
+        }
+    }
+}
+
+/// The id in a create's `Location` (`…/Type/id/_history/1`).
+fn created_id(response: &Response) -> Option<String> {
+    let location = response.headers().get(header::LOCATION)?.to_str().ok()?;
+    let path = location.split("/_history/").next()?;
+    let id = path.rsplit('/').next()?;
+    is_fhir_id(id).then(|| id.to_owned())
 }
 
 /// The `/auth` routes and SMART discovery.

@@ -72,6 +72,24 @@ pub struct Config {
     pub destinations: BTreeMap<String, DestinationConfig>,
     pub sync: SyncConfig,
     pub auth: AuthConfig,
+    pub audit: AuditConfig,
+}
+
+/// The audit log.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuditConfig {
+    /// Records older than this many days are removed (daily); the chain stays verifiable.
+    /// `0` keeps everything. Default: six years, as HIPAA keeps its documentation.
+    pub retention_days: u32,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        Self {
+            retention_days: 2190,
+        }
+    }
 }
 
 /// Who may call fhirgate, and how callers prove it.
@@ -646,6 +664,9 @@ impl Config {
                             return Err(bad(format!("expected json or pretty, got {other:?}")))
                         }
                     }
+                }
+                "audit__retention_days" => {
+                    self.audit.retention_days = parse(&value).map_err(bad)?
                 }
                 "auth__required" => self.auth.required = parse(&value).map_err(bad)?,
                 "auth__open_metrics" => self.auth.open_metrics = parse(&value).map_err(bad)?,

@@ -71,6 +71,19 @@ impl axum::serve::Listener for CappedListener {
     }
 }
 
+/// The address a request came from, in the request's extensions as
+/// `ConnectInfo<ClientAddr>`.
+#[derive(Debug, Clone, Copy)]
+pub struct ClientAddr(pub SocketAddr);
+
+impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, CappedListener>>
+    for ClientAddr
+{
+    fn connect_info(stream: axum::serve::IncomingStream<'_, CappedListener>) -> Self {
+        Self(*stream.remote_addr())
+    }
+}
+
 impl Drop for CappedStream {
     fn drop(&mut self) {
         metrics::gauge!("fhirgate_http_open_connections").decrement(1.0);

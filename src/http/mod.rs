@@ -22,7 +22,7 @@ use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::TraceLayer;
 
-pub use listener::CappedListener;
+pub use listener::{CappedListener, ClientAddr};
 
 use crate::config::ServerConfig;
 use crate::fhir::{operation_outcome, Issue};
@@ -209,12 +209,15 @@ where
         let _ = tx.send(true);
     });
     let mut signalled = rx.clone();
-    let server =
-        axum::serve(listener, app.into_make_service()).with_graceful_shutdown(async move {
-            let mut rx = rx;
-            let _ = rx.wait_for(|stop| *stop).await;
-            tracing::info!("shutdown requested; finishing in-flight requests");
-        });
+    let server = axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<ClientAddr>(),
+    )
+    .with_graceful_shutdown(async move {
+        let mut rx = rx;
+        let _ = rx.wait_for(|stop| *stop).await;
+        tracing::info!("shutdown requested; finishing in-flight requests");
+    });
     let deadline = async move {
         let _ = signalled.wait_for(|stop| *stop).await;
         tokio::time::sleep(grace).await;

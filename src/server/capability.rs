@@ -91,6 +91,23 @@ pub(super) fn capability_statement(
                 "searchParam": params,
             });
             add_operations(rt, &mut resource);
+            if rt == "AuditEvent" {
+                // The audit log (see `audit::events`): read and searched, never written.
+                resource = json!({
+                    "type": rt,
+                    "interaction": [{"code": "read"}, {"code": "search-type"}],
+                    "searchParam": [
+                        {"name": "date", "type": "date"},
+                        {"name": "agent", "type": "reference"},
+                        {"name": "entity", "type": "reference"},
+                        {"name": "patient", "type": "reference"},
+                        {"name": "action", "type": "token"},
+                        {"name": "subtype", "type": "token"},
+                        {"name": "outcome", "type": "token"},
+                        {"name": "address", "type": "string"},
+                    ],
+                });
+            }
             resource
         })
         .collect();

@@ -4,7 +4,7 @@
 mod bundle;
 mod capability;
 pub mod proxy;
-mod response;
+pub mod response;
 mod rest;
 mod search;
 mod transaction;

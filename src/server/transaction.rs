@@ -282,6 +282,17 @@ async fn plan_entry(
                 .and_then(|h| parse_etag(&h).map_err(|e| e.at(at("request.ifMatch"))))
         })
         .transpose()?;
+    if resource_type == "AuditEvent" {
+        // The audit log is fhirgate's own, append-only, and read at `/fhir/AuditEvent`.
+        return Err(FhirError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            Issue::error(
+                "not-supported",
+                "AuditEvents are written by the server alone; read them at /fhir/AuditEvent",
+            ),
+        )
+        .at(at("request.url")));
+    }
     let needs_resource = matches!(method, "POST" | "PUT");
     let resource_body = match resource_body {
         Some(body) if needs_resource => Some(

@@ -384,6 +384,51 @@ impl Store for EmbeddedStore {
         }
     }
 
+    async fn append_with(
+        &self,
+        stream: &str,
+        payloads: Vec<Vec<u8>>,
+        kv: Vec<KvOp>,
+    ) -> Result<Vec<u64>, StoreError> {
+        if payloads.is_empty() {
+            self.kv_apply(kv).await?;
+            return Ok(Vec::new());
+        }
+        let appends = payloads
+            .into_iter()
+            .map(|p| (stream.to_owned(), p))
+            .collect();
+        match self.submit("append", Vec::new(), true, appends, kv).await? {
+            JobResult::Appended(seqs) => Ok(seqs),
+            _ => Err(StoreError::Corrupt("unexpected writer answer".into())),
+        }
+    }
+
+    async fn trim_records(&self, stream: &str, through: u64) -> Result<u64, StoreError> {
+        let stream = stream.to_owned();
+        // A write transaction of its own: redb runs write transactions one at a time, so this
+        // waits for the writer thread's current commit rather than racing it.
+        self.blocking("trim_records", move |db| {
+            let txn = db.begin_write().map_err(backend)?;
+            let removed = {
+                let mut table = txn.open_table(RECORDS).map_err(backend)?;
+                let keys: Vec<u64> = table
+                    .range((stream.as_str(), 0)..=(stream.as_str(), through))
+                    .map_err(backend)?
+                    .map(|item| item.map(|(k, _)| k.value().1))
+                    .collect::<Result<_, _>>()
+                    .map_err(backend)?;
+                for seq in &keys {
+                    table.remove((stream.as_str(), *seq)).map_err(backend)?;
+                }
+                keys.len() as u64
+            };
+            txn.commit().map_err(backend)?;
+            Ok(removed)
+        })
+        .await
+    }
+
     async fn kv_apply(&self, ops: Vec<KvOp>) -> Result<(), StoreError> {
         if ops.is_empty() {
             return Ok(());
@@ -805,8 +850,10 @@ impl Writer {
                             }
                         }
                     }
-                    results.push(JobResult::Kv);
-                    continue;
+                    if job.appends.is_empty() {
+                        results.push(JobResult::Kv);
+                        continue;
+                    }
                 }
                 if !job.appends.is_empty() {
                     let mut seqs = Vec::new();

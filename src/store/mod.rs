@@ -169,6 +169,19 @@ pub trait Store: Send + Sync + 'static {
     /// sequence number in the stream.
     async fn append(&self, stream: &str, payload: Vec<u8>) -> Result<u64, StoreError>;
 
+    /// Appends `payloads` to `stream` in order and applies `kv` in the same durable commit;
+    /// returns the payloads' sequence numbers.
+    async fn append_with(
+        &self,
+        stream: &str,
+        payloads: Vec<Vec<u8>>,
+        kv: Vec<KvOp>,
+    ) -> Result<Vec<u64>, StoreError>;
+
+    /// Removes the records of `stream` up to and including sequence `through`; returns how
+    /// many were removed.
+    async fn trim_records(&self, stream: &str, through: u64) -> Result<u64, StoreError>;
+
     /// Records of `stream` after sequence `after`, oldest first, at most `limit`.
     async fn records(
         &self,

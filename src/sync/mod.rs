@@ -727,6 +727,17 @@ mod tests {
         async fn append(&self, stream: &str, payload: Vec<u8>) -> Result<u64, StoreError> {
             self.inner.append(stream, payload).await
         }
+        async fn append_with(
+            &self,
+            stream: &str,
+            payloads: Vec<Vec<u8>>,
+            kv: Vec<KvOp>,
+        ) -> Result<Vec<u64>, StoreError> {
+            self.inner.append_with(stream, payloads, kv).await
+        }
+        async fn trim_records(&self, stream: &str, through: u64) -> Result<u64, StoreError> {
+            self.inner.trim_records(stream, through).await
+        }
         async fn records(
             &self,
             stream: &str,

@@ -68,7 +68,7 @@ async fn start_with_idp(configure: impl FnOnce(&mut fhirgate::config::Config)) -
 }
 
 /// A key made through the API for `roles` and `scopes`.
-async fn api_key(app: &TestApp, roles: &[&str], scopes: &[&str]) -> String {
+pub async fn api_key(app: &TestApp, roles: &[&str], scopes: &[&str]) -> String {
     let (status, made) = json(
         app.client
             .post(app.url("/auth/api-keys"))

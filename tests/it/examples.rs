@@ -65,6 +65,11 @@ async fn official_examples_round_trip_and_mutations_are_rejected() {
 
     let mut tasks = JoinSet::new();
     let limit = Arc::new(tokio::sync::Semaphore::new(8));
+    // AuditEvents are the server's own audit log and cannot be written (see `audit`).
+    let valid: Vec<_> = valid
+        .into_iter()
+        .filter(|(_, v)| v["resourceType"] != "AuditEvent")
+        .collect();
     for (path, example) in valid.clone() {
         let app = app.clone();
         let permit = limit.clone().acquire_owned().await.expect("permit");
