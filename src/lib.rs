@@ -27,6 +27,7 @@ pub mod remote;
 pub mod server;
 pub mod store;
 pub mod sync;
+pub mod webhooks;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -162,6 +163,10 @@ impl App {
             .merge(sync::router(sync_api.clone()))
             .merge(http::ops_router(store.clone()))
             .merge(auth::router(auth.clone()))
+            .merge(webhooks::router(Arc::new(
+                webhooks::Webhooks::new(&config.webhooks, sync_api.clone(), store.clone())
+                    .context("setting up webhooks")?,
+            )))
             .merge(audit::events::router(Arc::new(audit::events::AuditApi {
                 log: audit.clone(),
                 fhir_base: format!("{}/fhir", public_base.trim_end_matches('/')),

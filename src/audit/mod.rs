@@ -35,6 +35,11 @@ pub const GENESIS: &str = "00000000000000000000000000000000000000000000000000000
 /// Most records committed at once.
 const BATCH: usize = 1024;
 
+/// A handler's word for the audit log about its answer (a replayed webhook, the job it
+/// started), put in the response's extensions; the guard adds it to the record's detail.
+#[derive(Debug, Clone)]
+pub struct AuditNote(pub String);
+
 /// What happened, as the recorder gives it.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Entry {

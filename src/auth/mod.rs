@@ -29,7 +29,7 @@ use http::{header, HeaderMap, HeaderValue, Method, StatusCode, Uri};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::audit::{AuditLog, Entry};
+use crate::audit::{AuditLog, AuditNote, Entry};
 use crate::config::AuthConfig;
 use crate::fhir::{FhirError, Issue, SearchRegistry};
 use crate::store::Store;
@@ -168,6 +168,10 @@ fn classify(method: &Method, path: &str, sources: &BTreeSet<String>, open_metric
     // CDS Hooks callers prove themselves with the JWT CDS Hooks defines (see `cds::auth`);
     // discovery is public by the specification.
     if path == "/cds-services" || path.starts_with("/cds-services/") {
+        return Need::Public;
+    }
+    // Webhook senders sign their requests (see `webhooks`).
+    if path.starts_with("/webhooks/") {
         return Need::Public;
     }
     if path == "/auth/api-keys" || path.starts_with("/auth/api-keys/") {
@@ -522,25 +526,39 @@ pub async fn guard(State(auth): State<Arc<AuthApi>>, request: Request, next: Nex
         auth.open_metrics,
     );
     if need == Need::Public {
-        return match cds_call(request.method(), request.uri().path()) {
-            // CDS clients prove themselves inside the service (`cds::auth`); the call is
-            // recorded here all the same, as it reads patient data.
-            Some(path) => {
-                let mut entry = audit_entry(&request, "operation", None, None, Some(path));
-                entry.who = "cds-client".into();
-                entry.via = "cds-jwt".into();
-                let response = next.run(request).await;
-                entry.outcome = response.status().as_u16();
-                auth.audit.record(entry).await;
-                response
-            }
-            None => next.run(request).await,
+        // CDS clients prove themselves inside the service (`cds::auth`), webhook senders
+        // with their signature (`webhooks`); their calls are recorded here all the same, as
+        // they touch patient data.
+        let path = request.uri().path();
+        let mut entry = if let Some(path) = cds_call(request.method(), path) {
+            let mut entry = audit_entry(&request, "operation", None, None, Some(path));
+            entry.who = "cds-client".into();
+            entry.via = "cds-jwt".into();
+            entry
+        } else if let Some(source) = path.strip_prefix("/webhooks/") {
+            let mut entry = audit_entry(&request, "webhook", None, None, Some(path));
+            entry.who = format!("webhook:{}", source.chars().take(64).collect::<String>());
+            entry.via = "hmac".into();
+            entry
+        } else {
+            return next.run(request).await;
         };
+        let response = next.run(request).await;
+        entry.outcome = response.status().as_u16();
+        add_note(&mut entry, &response);
+        // A webhook starts a sync: its record is committed before the sender hears back.
+        if entry.action == "webhook" {
+            auth.audit.record_durably(entry).await;
+        } else {
+            auth.audit.record(entry).await;
+        }
+        return response;
     }
     let mut entry = describe(&request, &need, &auth.sources);
     let writes = !matches!(*request.method(), Method::GET | Method::HEAD);
     let response = admit(&auth, need, request, next, &mut entry).await;
     entry.outcome = response.status().as_u16();
+    add_note(&mut entry, &response);
     if entry.action == "create" && entry.resource_id.is_none() {
         entry.resource_id = created_id(&response);
     }
@@ -550,6 +568,16 @@ pub async fn guard(State(auth): State<Arc<AuthApi>>, request: Request, next: Nex
         auth.audit.record(entry).await;
     }
     response
+}
+
+/// Adds what the handler said for the audit log (an [`AuditNote`]) to the entry's detail.
+fn add_note(entry: &mut Entry, response: &Response) {
+    if let Some(AuditNote(note)) = response.extensions().get::<AuditNote>() {
+        entry.detail = Some(match entry.detail.take() {
+            Some(detail) => format!("{detail}; {note}"),
+            None => note.clone(),
+        });
+    }
 }
 
 /// Sets why a request was refused on its audit entry, and answers the refusal.

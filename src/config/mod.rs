@@ -73,6 +73,26 @@ pub struct Config {
     pub sync: SyncConfig,
     pub auth: AuthConfig,
     pub audit: AuditConfig,
+    /// Signed change notifications, by source name (`POST /webhooks/{source}`).
+    pub webhooks: BTreeMap<String, WebhookConfig>,
+}
+
+/// A source's webhook (see `webhooks`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookConfig {
+    /// The shared secret: `whsec_{base64}` (Standard Webhooks) or at least 16 bytes of text.
+    pub secret: Secret<String>,
+    /// Where the named resources are synced; the sync default when absent.
+    #[serde(default)]
+    pub destination: Option<String>,
+    /// How far a request's timestamp may be from now, in seconds.
+    #[serde(default = "default_webhook_tolerance")]
+    pub tolerance_secs: u64,
+}
+
+fn default_webhook_tolerance() -> u64 {
+    300
 }
 
 /// The audit log.
@@ -734,6 +754,10 @@ impl Config {
                     _ => return false,
                 }
             }
+            "webhooks" if *field == "secret" => match self.webhooks.get_mut(*name) {
+                Some(hook) => hook.secret = Secret::new(value.to_owned()),
+                None => return false,
+            },
             _ => return false,
         }
         true

@@ -245,7 +245,7 @@ fn scope_of(api: &SyncApi, request: NewJob) -> Result<Scope, FhirError> {
 }
 
 /// The source and destination a request names, or the configured defaults.
-fn endpoints(
+pub(crate) fn endpoints(
     api: &SyncApi,
     source: Option<String>,
     destination: Option<String>,

@@ -22,3 +22,4 @@ mod sync;
 mod sync_faults;
 mod synthea;
 mod transaction;
+mod webhooks;
