@@ -112,8 +112,7 @@ impl App {
         audit.record_start(config).await;
         let auth = Arc::new(
             auth::AuthApi::build(
-                &config.auth,
-                &config.store.data_dir,
+                config,
                 store.clone(),
                 search.clone(),
                 config.sources.keys().cloned().collect(),
@@ -213,15 +212,21 @@ where
 {
     let started = std::time::Instant::now();
     let local = listener.local_addr().context("listener has no address")?;
+    let tls = match &config.server.tls {
+        Some(tls) => Some(http::tls::server_config(tls).context("setting up TLS")?),
+        None => None,
+    };
+    let scheme = if tls.is_some() { "https" } else { "http" };
     let public_base = match &config.server.public_url {
         Some(url) => url.trim_end_matches('/').to_owned(),
-        None => format!("http://{local}"),
+        None => format!("{scheme}://{local}"),
     };
     let app = App::build(&config, &public_base).await?;
     tracing::info!(
         address = %local,
         data_dir = %config.store.data_dir.display(),
         validation = config.fhir.validate,
+        tls = config.server.tls.is_some(),
         startup_ms = started.elapsed().as_millis() as u64,
         "fhirgate ready"
     );
@@ -230,7 +235,11 @@ where
         listener,
         app.router,
         shutdown,
-        Duration::from_secs(config.server.shutdown_grace_secs),
+        http::ServeOptions {
+            grace: Duration::from_secs(config.server.shutdown_grace_secs),
+            header_read_timeout: Duration::from_secs(config.server.header_read_timeout_secs.max(1)),
+            tls,
+        },
     )
     .await;
     app.sync

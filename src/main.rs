@@ -45,6 +45,22 @@ enum Command {
     /// The audit log.
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// TLS certificates.
+    #[command(subcommand)]
+    Certs(CertsCommand),
+}
+
+#[derive(Subcommand)]
+enum CertsCommand {
+    /// Make a development CA, a server certificate and a client certificate (for mTLS) in
+    /// DIR, and print the configuration that uses them. Never for production.
+    Dev {
+        #[arg(long, default_value = "certs/dev")]
+        dir: PathBuf,
+        /// Names and addresses the server certificate is for; repeatable.
+        #[arg(long = "host", default_values = ["localhost", "127.0.0.1", "::1"])]
+        hosts: Vec<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -168,6 +184,26 @@ fn main() -> anyhow::Result<()> {
                 scopes = scopes
             })?;
             println!("API key (shown once; give it to the service as `Authorization: Bearer <key>`):\n{key}\n\nAdd to the configuration file:\n{entry}");
+            Ok(())
+        }
+        Command::Certs(CertsCommand::Dev { dir, hosts }) => {
+            let made = fhirgate::http::tls::generate_dev(&dir, &hosts)?;
+            let d = dir.display();
+            println!(
+                "Wrote {d}/ca.pem, server.pem, server-key.pem, client.pem, client-key.pem (and ca-key.pem).\n\n\
+                 Serve HTTPS with:\n\n\
+                 [server.tls]\n\
+                 cert_file = \"{d}/server.pem\"\n\
+                 key_file = \"{d}/server-key.pem\"\n\
+                 client_ca_file = \"{d}/ca.pem\"   # ask for client certificates (mTLS)\n\n\
+                 [[auth.mtls_clients]]\n\
+                 name = \"dev-client\"\n\
+                 sha256 = \"{}\"\n\
+                 roles = [\"read-only\"]\n\n\
+                 Try it: curl --cacert {} --cert {d}/client.pem --key {d}/client-key.pem https://localhost:8080/fhir/metadata",
+                made.client_fingerprint,
+                made.ca.display(),
+            );
             Ok(())
         }
         Command::Audit(AuditCommand::Verify { config }) => {

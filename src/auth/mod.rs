@@ -30,7 +30,6 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::audit::{AuditLog, AuditNote, Entry};
-use crate::config::AuthConfig;
 use crate::fhir::{FhirError, Issue, SearchRegistry};
 use crate::store::Store;
 use scopes::{Action, Context, Scope};
@@ -329,6 +328,63 @@ pub struct AuthApi {
     sources: BTreeSet<String>,
     public_base: String,
     pub audit: Arc<AuditLog>,
+    /// Service clients by the SHA-256 of their TLS client certificate.
+    mtls: HashMap<String, Principal>,
+    limits: Option<RateLimits>,
+}
+
+/// Requests per second per caller: an authenticated client by its subject, anyone else by
+/// IP address.
+struct RateLimits {
+    limiter: governor::DefaultKeyedRateLimiter<String>,
+    /// Checks since idle callers were last forgotten.
+    checks: std::sync::atomic::AtomicU32,
+}
+
+impl RateLimits {
+    fn new(per_sec: u32, burst: u32) -> Option<Self> {
+        let rate = std::num::NonZeroU32::new(per_sec)?;
+        let burst = std::num::NonZeroU32::new(burst.max(per_sec)).unwrap_or(rate);
+        Some(Self {
+            limiter: governor::RateLimiter::keyed(
+                governor::Quota::per_second(rate).allow_burst(burst),
+            ),
+            checks: std::sync::atomic::AtomicU32::new(0),
+        })
+    }
+
+    /// `Err(seconds to wait)` when `key` is over its rate.
+    fn check(&self, key: &str) -> Result<(), u64> {
+        use governor::clock::{Clock, DefaultClock};
+        use std::sync::atomic::Ordering;
+        if self.checks.fetch_add(1, Ordering::Relaxed) % 8192 == 8191 {
+            self.limiter.retain_recent();
+        }
+        self.limiter
+            .check_key(&key.to_owned())
+            .map_err(|not_until| {
+                let wait = not_until.wait_time_from(DefaultClock::default().now());
+                wait.as_secs() + u64::from(wait.subsec_nanos() > 0)
+            })
+    }
+}
+
+/// 429 with `Retry-After`.
+fn too_many(entry: &mut Entry, wait_secs: u64) -> Response {
+    entry.detail = Some("refused: over the rate limit".into());
+    let mut response = FhirError::new(
+        StatusCode::TOO_MANY_REQUESTS,
+        Issue::error(
+            "throttled",
+            "too many requests; retry after the time in Retry-After",
+        ),
+    )
+    .into_response();
+    response
+        .headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from(wait_secs.max(1)));
+    metrics::counter!("fhirgate_rate_limited_total").increment(1);
+    response
 }
 
 /// The largest read response a patient-context check buffers.
@@ -337,14 +393,15 @@ const MAX_CHECKED_BODY: usize = 64 << 20;
 impl AuthApi {
     /// Loads keys and the token secret; creates the first admin key when there is none.
     pub async fn build(
-        config: &AuthConfig,
-        data_dir: &std::path::Path,
+        full: &crate::config::Config,
         store: Arc<dyn Store>,
         search: Arc<SearchRegistry>,
         sources: BTreeSet<String>,
         public_base: &str,
         audit: Arc<AuditLog>,
     ) -> anyhow::Result<Self> {
+        let config = &full.auth;
+        let data_dir = &full.store.data_dir;
         for client in &config.clients {
             check_roles(&client.roles)
                 .map_err(|e| anyhow::anyhow!("auth client {}: {e}", client.client_id))?;
@@ -368,6 +425,32 @@ impl AuthApi {
                 "authentication is OFF (auth.required = false): anyone who can reach this server can read and change everything; never run like this with real data"
             );
         }
+        let mut mtls = HashMap::new();
+        for client in &config.mtls_clients {
+            check_roles(&client.roles)
+                .map_err(|e| anyhow::anyhow!("auth.mtls_clients {}: {e}", client.name))?;
+            let sha = client.sha256.trim().to_ascii_lowercase().replace(':', "");
+            if sha.len() != 64 || !sha.bytes().all(|b| b.is_ascii_hexdigit()) {
+                anyhow::bail!(
+                    "auth.mtls_clients {}: sha256 must be the certificate's SHA-256 in hex",
+                    client.name
+                );
+            }
+            mtls.insert(
+                sha,
+                Principal {
+                    subject: format!("mtls:{}", client.name),
+                    via: "mtls",
+                    roles: client.roles.iter().cloned().collect(),
+                    scopes: client
+                        .scopes
+                        .iter()
+                        .filter_map(|s| Scope::parse(s))
+                        .collect(),
+                    patient: None,
+                },
+            );
+        }
         if config.open_metrics {
             tracing::warn!("/metrics is open to anyone (auth.open_metrics = true)");
         }
@@ -380,12 +463,19 @@ impl AuthApi {
             sources,
             public_base: public_base.trim_end_matches('/').to_owned(),
             audit,
+            mtls,
+            limits: RateLimits::new(full.server.rate_limit_per_sec, full.server.rate_limit_burst),
         })
     }
 
     /// The caller named by the request's credentials: `Authorization: Bearer …` (a JWT or an
-    /// API key) or `X-API-Key`. `None` when there are none.
-    async fn authenticate(&self, headers: &HeaderMap) -> Result<Option<Principal>, AuthFailure> {
+    /// API key) or `X-API-Key`, else a known TLS client certificate. `None` when there are
+    /// none.
+    async fn authenticate(
+        &self,
+        headers: &HeaderMap,
+        peer: Option<&crate::http::Peer>,
+    ) -> Result<Option<Principal>, AuthFailure> {
         let api_key = headers.get("x-api-key").map(|v| v.to_str().unwrap_or(""));
         let bearer = match headers.get(header::AUTHORIZATION) {
             Some(value) => {
@@ -404,7 +494,10 @@ impl AuthApi {
         };
         match (bearer, api_key) {
             (Some(_), Some(_)) => Err(AuthFailure::new("give one credential, not two")),
-            (None, None) => Ok(None),
+            (None, None) => Ok(peer
+                .and_then(|peer| peer.client_cert.as_ref())
+                .and_then(|sha| self.mtls.get(sha))
+                .cloned()),
             (Some(credential), None) if !credential.starts_with(keys::PREFIX) => {
                 let principal = self.tokens.verify(credential).await?;
                 if principal.patient.as_deref().is_some_and(|p| !is_fhir_id(p)) {
@@ -543,6 +636,13 @@ pub async fn guard(State(auth): State<Arc<AuthApi>>, request: Request, next: Nex
         } else {
             return next.run(request).await;
         };
+        let key = format!("ip:{}", entry.source.as_deref().unwrap_or("unknown"));
+        if let Some(Err(wait)) = auth.limits.as_ref().map(|l| l.check(&key)) {
+            let response = too_many(&mut entry, wait);
+            entry.outcome = response.status().as_u16();
+            auth.audit.record(entry).await;
+            return response;
+        }
         let response = next.run(request).await;
         entry.outcome = response.status().as_u16();
         add_note(&mut entry, &response);
@@ -597,8 +697,17 @@ async fn admit(
     next: Next,
     entry: &mut Entry,
 ) -> Response {
+    let by_address = || format!("ip:{}", entry.source.as_deref().unwrap_or("unknown"));
     let principal = if auth.required {
-        match auth.authenticate(request.headers()).await {
+        let peer = request.extensions().get::<crate::http::Peer>();
+        let authenticated = auth.authenticate(request.headers(), peer).await;
+        // Failed attempts count against the caller's address, which slows down guessing.
+        if !matches!(authenticated, Ok(Some(_))) {
+            if let Some(Err(wait)) = auth.limits.as_ref().map(|l| l.check(&by_address())) {
+                return too_many(entry, wait);
+            }
+        }
+        match authenticated {
             Ok(Some(principal)) => principal,
             Ok(None) => return refuse(entry, Refusal::unauthenticated("no credentials")),
             Err(failure) => {
@@ -612,6 +721,14 @@ async fn admit(
     };
     entry.who.clone_from(&principal.subject);
     entry.via = principal.via.into();
+    let key = if principal.via == "open" {
+        by_address()
+    } else {
+        principal.subject.clone()
+    };
+    if let Some(Err(wait)) = auth.limits.as_ref().map(|l| l.check(&key)) {
+        return too_many(entry, wait);
+    }
     let narrowing = match &need {
         Need::Public => None,
         Need::Role(roles) if principal.has_any_role(roles) => None,
@@ -719,8 +836,8 @@ fn audit_entry(
     entry.detail = detail.map(str::to_owned);
     entry.source = request
         .extensions()
-        .get::<axum::extract::ConnectInfo<crate::http::ClientAddr>>()
-        .map(|info| info.0 .0.ip().to_string());
+        .get::<crate::http::Peer>()
+        .map(|peer| peer.addr.ip().to_string());
     entry.request_id = request
         .headers()
         .get("x-request-id")

@@ -130,6 +130,9 @@ pub struct AuthConfig {
     pub token_lifetime_secs: u64,
     /// Let anyone read `/metrics` (for a scraper on a private network).
     pub open_metrics: bool,
+    /// Service clients known by their TLS client certificate (`sha256` of the certificate's
+    /// DER, hex), when `server.tls.client_ca_file` is set.
+    pub mtls_clients: Vec<ConfiguredApiKey>,
 }
 
 impl Default for AuthConfig {
@@ -141,6 +144,7 @@ impl Default for AuthConfig {
             api_keys: Vec::new(),
             token_lifetime_secs: 300,
             open_metrics: false,
+            mtls_clients: Vec::new(),
         }
     }
 }
@@ -508,6 +512,34 @@ pub struct ServerConfig {
     pub max_connections: usize,
     /// Time in-flight requests get to finish after a shutdown signal.
     pub shutdown_grace_secs: u64,
+    /// Time a client has to send a request's headers (HTTP/1) before the connection is closed.
+    pub header_read_timeout_secs: u64,
+    /// Largest total size of a request's headers (431 beyond it).
+    pub max_header_bytes: usize,
+    /// Requests per second each caller (an authenticated client, else an IP address) may
+    /// make; more are answered 429 with `Retry-After`. `0` turns the limit off.
+    pub rate_limit_per_sec: u32,
+    /// Requests a caller may make at once above its rate.
+    pub rate_limit_burst: u32,
+    /// Serve HTTPS instead of HTTP.
+    pub tls: Option<TlsConfig>,
+}
+
+/// The server's certificate, and client certificates for mTLS.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM: the server's certificate, then its chain.
+    pub cert_file: PathBuf,
+    /// PEM: its private key (PKCS#8, PKCS#1 or SEC1).
+    pub key_file: PathBuf,
+    /// PEM: the CAs client certificates must chain to; without it no client certificate is
+    /// asked for.
+    #[serde(default)]
+    pub client_ca_file: Option<PathBuf>,
+    /// Refuse the handshake of clients without a certificate.
+    #[serde(default)]
+    pub require_client_cert: bool,
 }
 
 impl Default for ServerConfig {
@@ -519,6 +551,11 @@ impl Default for ServerConfig {
             request_timeout_secs: 30,
             max_connections: 1024,
             shutdown_grace_secs: 20,
+            header_read_timeout_secs: 10,
+            max_header_bytes: 32 * 1024,
+            rate_limit_per_sec: 1000,
+            rate_limit_burst: 2000,
+            tls: None,
         }
     }
 }
@@ -651,6 +688,31 @@ impl Config {
                 }
                 "server__shutdown_grace_secs" => {
                     self.server.shutdown_grace_secs = parse(&value).map_err(bad)?
+                }
+                "server__header_read_timeout_secs" => {
+                    self.server.header_read_timeout_secs = parse(&value).map_err(bad)?
+                }
+                "server__max_header_bytes" => {
+                    self.server.max_header_bytes = parse(&value).map_err(bad)?
+                }
+                "server__rate_limit_per_sec" => {
+                    self.server.rate_limit_per_sec = parse(&value).map_err(bad)?
+                }
+                "server__rate_limit_burst" => {
+                    self.server.rate_limit_burst = parse(&value).map_err(bad)?
+                }
+                "server__tls__cert_file" | "server__tls__key_file" => {
+                    let tls = self.server.tls.get_or_insert_with(|| TlsConfig {
+                        cert_file: PathBuf::new(),
+                        key_file: PathBuf::new(),
+                        client_ca_file: None,
+                        require_client_cert: false,
+                    });
+                    if key.ends_with("cert_file") {
+                        tls.cert_file = PathBuf::from(&value);
+                    } else {
+                        tls.key_file = PathBuf::from(&value);
+                    }
                 }
                 "store__data_dir" => self.store.data_dir = PathBuf::from(&value),
                 "store__cache_mb" => self.store.cache_mb = parse(&value).map_err(bad)?,

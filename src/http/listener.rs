@@ -71,17 +71,12 @@ impl axum::serve::Listener for CappedListener {
     }
 }
 
-/// The address a request came from, in the request's extensions as
-/// `ConnectInfo<ClientAddr>`.
-#[derive(Debug, Clone, Copy)]
-pub struct ClientAddr(pub SocketAddr);
-
-impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, CappedListener>>
-    for ClientAddr
-{
-    fn connect_info(stream: axum::serve::IncomingStream<'_, CappedListener>) -> Self {
-        Self(*stream.remote_addr())
-    }
+/// Who is at the other end of a request's connection, in the request's extensions.
+#[derive(Debug, Clone)]
+pub struct Peer {
+    pub addr: SocketAddr,
+    /// The SHA-256 (hex) of the verified TLS client certificate, if one was presented.
+    pub client_cert: Option<String>,
 }
 
 impl Drop for CappedStream {

@@ -2,10 +2,12 @@
 //!
 //! All middleware is assembled in [`app`], so the order is visible in one place. From the
 //! outside in: request id → trace log → metrics → bare errors as OperationOutcome → panic
-//! guard → time limit on reads → body limit → handler.
+//! guard → time limit on reads (and on receiving write bodies) → body limit → handler, with
+//! oversized headers refused just inside the metrics.
 
 mod listener;
 pub mod ops;
+pub mod tls;
 
 use std::future::Future;
 use std::sync::{Arc, OnceLock};
@@ -22,7 +24,7 @@ use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::TraceLayer;
 
-pub use listener::{CappedListener, ClientAddr};
+pub use listener::{CappedListener, Peer};
 
 use crate::config::ServerConfig;
 use crate::fhir::{operation_outcome, Issue};
@@ -63,6 +65,10 @@ pub fn app(routes: Router, config: &ServerConfig) -> Router {
         ))
         .layer(CatchPanicLayer::custom(panic_response))
         .layer(middleware::map_response(bare_errors_as_outcomes))
+        .layer(middleware::from_fn_with_state(
+            config.max_header_bytes,
+            limit_headers,
+        ))
         .layer(middleware::from_fn(record_metrics))
         .layer(PropagateRequestIdLayer::new(REQUEST_ID))
         .layer(
@@ -104,6 +110,9 @@ async fn time_limit_reads(
     next: Next,
 ) -> Response {
     if !matches!(*request.method(), http::Method::GET | http::Method::HEAD) {
+        // A write's body must arrive within the limit too, so a client trickling bytes cannot
+        // hold a connection (and a body buffer) for ever; nothing is applied before it has.
+        let request = request.map(|body| body_deadline(body, limit));
         return next.run(request).await;
     }
     match tokio::time::timeout(limit, next.run(request)).await {
@@ -113,6 +122,50 @@ async fn time_limit_reads(
             &operation_outcome(&[Issue::error("timeout", "the request took too long")]),
         ),
     }
+}
+
+/// `body`, failing if it has not all arrived within `limit`.
+fn body_deadline(body: Body, limit: Duration) -> Body {
+    use futures_util::StreamExt;
+    let deadline = tokio::time::Instant::now() + limit;
+    let frames =
+        futures_util::stream::unfold(Some(body.into_data_stream()), move |state| async move {
+            let mut stream = state?;
+            match tokio::time::timeout_at(deadline, stream.next()).await {
+                Ok(Some(chunk)) => Some((chunk.map_err(axum::BoxError::from), Some(stream))),
+                Ok(None) => None,
+                Err(_) => Some((
+                    Err(axum::BoxError::from(
+                        "the request body did not arrive in time",
+                    )),
+                    None,
+                )),
+            }
+        });
+    Body::from_stream(frames)
+}
+
+/// Refuses requests whose headers together exceed `max` bytes (431).
+async fn limit_headers(
+    axum::extract::State(max): axum::extract::State<usize>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let size: usize = request
+        .headers()
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value.len() + 4)
+        .sum();
+    if size > max {
+        return json_response(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            &operation_outcome(&[Issue::error(
+                "too-long",
+                format!("the request headers are larger than {max} bytes"),
+            )]),
+        );
+    }
+    next.run(request).await
 }
 
 async fn record_metrics(request: Request, next: Next) -> Response {
@@ -192,42 +245,112 @@ fn panic_response(_panic: Box<dyn std::any::Any + Send + 'static>) -> Response {
     )
 }
 
+/// How [`serve`] runs connections.
+pub struct ServeOptions {
+    /// Time in-flight requests get after the shutdown signal.
+    pub grace: Duration,
+    /// Time a client has to send a request's headers, and to finish a TLS handshake.
+    pub header_read_timeout: Duration,
+    /// HTTPS when set.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+}
+
 /// Serves `app` on `listener` until `shutdown` completes, then stops accepting and gives
-/// in-flight requests `grace` to finish.
+/// in-flight requests `options.grace` to finish. Each connection runs in its own task (the
+/// TLS handshake included, so a slow client never holds up others) with HTTP/1.1 or HTTP/2;
+/// requests carry the connection's [`Peer`].
 pub async fn serve<F>(
-    listener: CappedListener,
+    mut listener: CappedListener,
     app: Router,
     shutdown: F,
-    grace: Duration,
+    options: ServeOptions,
 ) -> std::io::Result<()>
 where
     F: Future<Output = ()> + Send + 'static,
 {
-    let (tx, rx) = tokio::sync::watch::channel(false);
-    tokio::spawn(async move {
-        shutdown.await;
-        let _ = tx.send(true);
-    });
-    let mut signalled = rx.clone();
-    let server = axum::serve(
-        listener,
-        app.into_make_service_with_connect_info::<ClientAddr>(),
-    )
-    .with_graceful_shutdown(async move {
-        let mut rx = rx;
-        let _ = rx.wait_for(|stop| *stop).await;
-        tracing::info!("shutdown requested; finishing in-flight requests");
-    });
-    let deadline = async move {
-        let _ = signalled.wait_for(|stop| *stop).await;
-        tokio::time::sleep(grace).await;
-    };
+    use axum::serve::Listener;
+    use hyper_util::rt::{TokioExecutor, TokioTimer};
+    use hyper_util::server::conn::auto::Builder;
+
+    let mut builder = Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(options.header_read_timeout);
+    builder.http2().timer(TokioTimer::new());
+    let tls = options.tls.map(tokio_rustls::TlsAcceptor::from);
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, addr) = tokio::select! {
+            accepted = listener.accept() => accepted,
+            () = &mut shutdown => break,
+        };
+        let app = app.clone();
+        let builder = builder.clone();
+        let watcher = graceful.watcher();
+        let tls = tls.clone();
+        let handshake_timeout = options.header_read_timeout;
+        tokio::spawn(async move {
+            let Some(acceptor) = tls else {
+                let peer = Peer {
+                    addr,
+                    client_cert: None,
+                };
+                return serve_connection(builder, watcher, stream, peer, app).await;
+            };
+            match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
+                Ok(Ok(stream)) => {
+                    let client_cert = stream
+                        .get_ref()
+                        .1
+                        .peer_certificates()
+                        .and_then(|chain| chain.first())
+                        .map(|cert| tls::fingerprint(cert));
+                    let peer = Peer { addr, client_cert };
+                    serve_connection(builder, watcher, stream, peer, app).await
+                }
+                Ok(Err(e)) => {
+                    metrics::counter!("fhirgate_tls_handshake_failures_total").increment(1);
+                    tracing::debug!(error = %e, "TLS handshake failed");
+                }
+                Err(_) => {
+                    metrics::counter!("fhirgate_tls_handshake_failures_total").increment(1);
+                    tracing::debug!("TLS handshake timed out");
+                }
+            }
+        });
+    }
+    drop(listener);
+    tracing::info!("shutdown requested; finishing in-flight requests");
     tokio::select! {
-        result = server => result,
-        _ = deadline => {
+        () = graceful.shutdown() => {}
+        () = tokio::time::sleep(options.grace) => {
             tracing::warn!("in-flight requests did not finish within the grace period");
-            Ok(())
         }
+    }
+    Ok(())
+}
+
+/// Runs one connection until it closes or the server shuts down.
+async fn serve_connection<I>(
+    builder: hyper_util::server::conn::auto::Builder<hyper_util::rt::TokioExecutor>,
+    watcher: hyper_util::server::graceful::Watcher,
+    io: I,
+    peer: Peer,
+    app: Router,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    use tower::ServiceExt;
+    let service =
+        hyper::service::service_fn(move |mut request: http::Request<hyper::body::Incoming>| {
+            request.extensions_mut().insert(peer.clone());
+            app.clone().oneshot(request)
+        });
+    let connection = builder.serve_connection(hyper_util::rt::TokioIo::new(io), service);
+    if let Err(e) = watcher.watch(connection).await {
+        tracing::debug!(error = %e, "connection ended with an error");
     }
 }
 

@@ -18,6 +18,7 @@ mod pas;
 mod pas_subscriptions;
 mod rest;
 mod search;
+mod security;
 mod sync;
 mod sync_faults;
 mod synthea;
