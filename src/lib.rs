@@ -102,6 +102,7 @@ impl App {
             engine.clone(),
             public_base,
             config.server.max_body_bytes,
+            remotes.outbound.clone(),
         ));
         pas::subscription::resume(&pas)
             .await
@@ -144,11 +145,14 @@ impl App {
             fetcher: cds::prefetch::PrefetchFetcher::new(
                 &config.cds.fhir_servers,
                 Duration::from_secs(config.cds.fetch_timeout_secs),
+                remotes.outbound.client(),
             )?,
             auth: cds::auth::ClientAuth::new(
                 config.cds.require_jwt,
                 &config.cds.issuers,
-                reqwest::Client::builder()
+                remotes
+                    .outbound
+                    .client()
                     .redirect(reqwest::redirect::Policy::none())
                     .timeout(Duration::from_secs(config.cds.fetch_timeout_secs))
                     .build()?,

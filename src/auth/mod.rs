@@ -416,6 +416,7 @@ impl AuthApi {
             public_base,
             secret,
             config.token_lifetime_secs,
+            crate::remote::outbound::Outbound::new(&full.outbound)?.client(),
         )?;
         let keys = keys::ApiKeys::load(store, &config.api_keys).await?;
         if config.required {

@@ -78,6 +78,7 @@ impl Tokens {
         own_issuer: &str,
         secret: Vec<u8>,
         lifetime: u64,
+        http: reqwest::ClientBuilder,
     ) -> anyhow::Result<Self> {
         let mut loaded = Vec::new();
         for issuer in issuers {
@@ -97,7 +98,7 @@ impl Tokens {
             own_issuer: own_issuer.trim_end_matches('/').to_owned(),
             secret,
             lifetime: lifetime.clamp(1, 300),
-            http: reqwest::Client::builder()
+            http: http
                 .redirect(reqwest::redirect::Policy::none())
                 .timeout(Duration::from_secs(5))
                 .build()?,

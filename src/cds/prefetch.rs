@@ -24,8 +24,13 @@ pub struct PrefetchFetcher {
 }
 
 impl PrefetchFetcher {
-    pub fn new(allowed: &[String], timeout: Duration) -> anyhow::Result<Self> {
-        let client = reqwest::Client::builder()
+    /// `client` carries the outbound trust settings (see `remote::outbound`).
+    pub fn new(
+        allowed: &[String],
+        timeout: Duration,
+        client: reqwest::ClientBuilder,
+    ) -> anyhow::Result<Self> {
+        let client = client
             .redirect(reqwest::redirect::Policy::none())
             .timeout(timeout)
             .build()?;
@@ -258,6 +263,7 @@ mod tests {
         let f = PrefetchFetcher::new(
             &["https://ehr.example/fhir/".into()],
             Duration::from_secs(1),
+            reqwest::Client::builder(),
         )
         .expect("client");
         assert!(f.is_allowed("https://ehr.example/fhir", None));

@@ -75,6 +75,18 @@ pub struct Config {
     pub audit: AuditConfig,
     /// Signed change notifications, by source name (`POST /webhooks/{source}`).
     pub webhooks: BTreeMap<String, WebhookConfig>,
+    pub outbound: OutboundConfig,
+}
+
+/// Outbound connections (see `remote::outbound`).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OutboundConfig {
+    /// Hosts (`host`, `host:port`, `*.domain`) that URLs named by callers (PAS subscription
+    /// endpoints) may point at. Only exact entries may be private addresses.
+    pub allow_hosts: Vec<String>,
+    /// PEM bundle of CAs trusted for outbound TLS besides the system's.
+    pub ca_file: Option<PathBuf>,
 }
 
 /// A source's webhook (see `webhooks`).
@@ -747,6 +759,15 @@ impl Config {
                         }
                     }
                 }
+                "outbound__allow_hosts" => {
+                    self.outbound.allow_hosts = value
+                        .split(',')
+                        .map(str::trim)
+                        .filter(|s| !s.is_empty())
+                        .map(str::to_owned)
+                        .collect()
+                }
+                "outbound__ca_file" => self.outbound.ca_file = Some(PathBuf::from(&value)),
                 "audit__retention_days" => {
                     self.audit.retention_days = parse(&value).map_err(bad)?
                 }

@@ -47,6 +47,8 @@ pub struct PasApi {
     in_progress: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// Subscription states change one at a time (event numbers, status).
     subscriptions: tokio::sync::Mutex<()>,
+    /// Which subscriber endpoints may be reached.
+    pub outbound: Arc<crate::remote::outbound::Outbound>,
 }
 
 impl PasApi {
@@ -57,8 +59,10 @@ impl PasApi {
         engine: Arc<crate::sync::SyncEngine>,
         public_base: &str,
         max_body_bytes: usize,
+        outbound: Arc<crate::remote::outbound::Outbound>,
     ) -> Self {
         Self {
+            outbound,
             store,
             policies,
             schema,

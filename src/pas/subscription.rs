@@ -84,12 +84,16 @@ pub fn destination_name(id: &str) -> String {
     format!("subscription-{id}")
 }
 
-fn sink_for(state: &SubscriptionState) -> Result<RestHookSink, String> {
+fn sink_for(
+    state: &SubscriptionState,
+    outbound: &Arc<crate::remote::outbound::Outbound>,
+) -> Result<RestHookSink, String> {
     RestHookSink::new(
         &state.destination(),
         &state.endpoint,
         &state.headers,
         DELIVERY_TIMEOUT,
+        outbound,
     )
 }
 
@@ -115,7 +119,7 @@ pub async fn prepare(store: &Arc<dyn Store>, remotes: &mut Remotes) -> anyhow::R
         let Ok(state) = serde_json::from_slice::<SubscriptionState>(&bytes) else {
             continue;
         };
-        match sink_for(&state) {
+        match sink_for(&state, &remotes.outbound) {
             Ok(sink) => {
                 remotes.internal.insert(state.destination());
                 remotes
@@ -378,8 +382,11 @@ async fn create(api: Arc<PasApi>, headers: HeaderMap, bytes: Bytes) -> Result<Re
         events: 0,
         error: None,
     };
-    let sink =
-        sink_for(&state).map_err(|e| unprocessable("value", e, "Subscription.channel.header"))?;
+    api.outbound
+        .check_caller_url(&state.endpoint)
+        .map_err(|e| unprocessable("value", e, "Subscription.channel.endpoint"))?;
+    let sink = sink_for(&state, &api.outbound)
+        .map_err(|e| unprocessable("value", e, "Subscription.channel.header"))?;
     let stored = write_subscription(&api, subscription, true).await?;
     save_state(&api, &state, Vec::new()).await?;
     api.engine
@@ -508,7 +515,7 @@ async fn handshake(api: Arc<PasApi>, mut state: SubscriptionState) {
             "response": {"status": "200"},
         }],
     });
-    let outcome = match sink_for(&state) {
+    let outcome = match sink_for(&state, &api.outbound) {
         Ok(sink) => {
             let mut last = Ok(());
             for attempt in 1..=HANDSHAKE_ATTEMPTS {

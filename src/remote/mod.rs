@@ -5,6 +5,7 @@
 
 mod embedded;
 pub mod oauth;
+pub mod outbound;
 mod rest_hook;
 
 use std::collections::BTreeMap;
@@ -362,8 +363,12 @@ pub const PATIENT_TYPES: &[&str] = &[
     "ServiceRequest",
 ];
 
-fn http_client(timeout_secs: u64) -> anyhow::Result<reqwest::Client> {
-    Ok(reqwest::Client::builder()
+fn http_client(
+    outbound: &outbound::Outbound,
+    timeout_secs: u64,
+) -> anyhow::Result<reqwest::Client> {
+    Ok(outbound
+        .client()
         .timeout(Duration::from_secs(timeout_secs.max(1)))
         .connect_timeout(Duration::from_secs(timeout_secs.clamp(1, 10)))
         .pool_max_idle_per_host(64)
@@ -382,8 +387,12 @@ fn required<'a>(name: &str, value: &'a Option<String>, what: &str) -> anyhow::Re
 
 impl RemoteFhir {
     /// A source from its configuration (not [`SourceKind::Embedded`]).
-    pub fn source(name: &str, config: &SourceConfig) -> anyhow::Result<Self> {
-        let http = http_client(config.timeout_secs)?;
+    pub fn source(
+        name: &str,
+        config: &SourceConfig,
+        outbound: &outbound::Outbound,
+    ) -> anyhow::Result<Self> {
+        let http = http_client(outbound, config.timeout_secs)?;
         let site = required(name, &config.base_url, "base_url")?;
         let (base, token_url) = match config.kind {
             SourceKind::Openemr => (
@@ -443,8 +452,12 @@ impl RemoteFhir {
     }
 
     /// A destination from its configuration (not [`DestinationKind::Embedded`]).
-    pub fn destination(name: &str, config: &DestinationConfig) -> anyhow::Result<Self> {
-        let http = http_client(config.timeout_secs)?;
+    pub fn destination(
+        name: &str,
+        config: &DestinationConfig,
+        outbound: &outbound::Outbound,
+    ) -> anyhow::Result<Self> {
+        let http = http_client(outbound, config.timeout_secs)?;
         let base = required(name, &config.base_url, "base_url")?.to_owned();
         let tokens = match (&config.auth, config.kind) {
             (Some(auth), DestinationKind::Azure) => {
@@ -1159,6 +1172,8 @@ pub struct Remotes {
     /// Sources and destinations only fhirgate's own jobs may use (PAS notifications and
     /// subscribers' endpoints), never one a caller asks for.
     pub internal: std::collections::BTreeSet<String>,
+    /// Certificates trusted and hosts callers may name (see [`outbound`]).
+    pub outbound: Arc<outbound::Outbound>,
 }
 
 /// The name of the embedded store as a source and as a destination.
@@ -1172,7 +1187,10 @@ impl Remotes {
         registry: Arc<SearchRegistry>,
     ) -> anyhow::Result<Self> {
         let validate = config.fhir.validate;
-        let mut remotes = Self::default();
+        let mut remotes = Self {
+            outbound: Arc::new(outbound::Outbound::new(&config.outbound)?),
+            ..Self::default()
+        };
         let local_source: Arc<dyn FhirSource> =
             Arc::new(EmbeddedSource::new(LOCAL, store.clone(), registry.clone()));
         remotes.sources.insert(LOCAL.into(), local_source);
@@ -1196,7 +1214,7 @@ impl Remotes {
                     Arc::new(EmbeddedSource::new(name, store.clone(), registry.clone()))
                 }
                 _ => {
-                    let remote = Arc::new(RemoteFhir::source(name, source)?);
+                    let remote = Arc::new(RemoteFhir::source(name, source, &remotes.outbound)?);
                     remotes.proxies.insert(name.clone(), remote.clone());
                     remote
                 }
@@ -1212,7 +1230,11 @@ impl Remotes {
                     schema.clone(),
                     validate,
                 )),
-                _ => Arc::new(RemoteFhir::destination(name, destination)?),
+                _ => Arc::new(RemoteFhir::destination(
+                    name,
+                    destination,
+                    &remotes.outbound,
+                )?),
             };
             remotes.sinks.insert(name.clone(), sink);
             remotes

@@ -2,6 +2,7 @@
 //! notification Bundle, POSTed as it is. Going through the sync outbox gives notifications the
 //! same durability, retries and dead letters as any other delivery.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -25,7 +26,9 @@ impl RestHookSink {
         endpoint: &str,
         headers: &[String],
         timeout: Duration,
+        outbound: &Arc<super::outbound::Outbound>,
     ) -> Result<Self, String> {
+        outbound.check_caller_url(endpoint)?;
         let mut parsed = Vec::new();
         for line in headers {
             let (name, value) = line
@@ -37,11 +40,12 @@ impl RestHookSink {
                 .map_err(|_| format!("the value of header {name} is not valid"))?;
             parsed.push((name, value));
         }
-        let http = reqwest::Client::builder()
+        // A subscriber's redirect is not followed (the notification goes where it was told),
+        // and its name may not lead to a private address unless the operator listed it.
+        let http = outbound
+            .caller_client()
             .timeout(timeout)
             .connect_timeout(timeout.min(Duration::from_secs(10)))
-            // A subscriber's redirect is not followed: the notification goes where it was told.
-            .redirect(reqwest::redirect::Policy::none())
             .build()
             .map_err(|e| format!("building the client: {e}"))?;
         Ok(Self {

@@ -69,7 +69,7 @@ impl SyncOptions {
 /// dead-lettered, missing or unreadable.
 pub async fn run(config: Config, options: SyncOptions) -> anyhow::Result<i32> {
     let (job, dead) = match &options.server {
-        Some(server) => run_remote(server, &options).await?,
+        Some(server) => run_remote(server, &config, &options).await?,
         None => run_local(&config, &options).await?,
     };
     print!("{}", summary(&job, &dead));
@@ -144,7 +144,11 @@ async fn run_local(
     Ok((finished, dead))
 }
 
-async fn run_remote(server: &str, options: &SyncOptions) -> anyhow::Result<(Job, Vec<DeadLetter>)> {
+async fn run_remote(
+    server: &str,
+    config: &Config,
+    options: &SyncOptions,
+) -> anyhow::Result<(Job, Vec<DeadLetter>)> {
     let server = server.trim_end_matches('/');
     let mut headers = reqwest::header::HeaderMap::new();
     if let Some(key) = &options.api_key {
@@ -153,7 +157,8 @@ async fn run_remote(server: &str, options: &SyncOptions) -> anyhow::Result<(Job,
         value.set_sensitive(true);
         headers.insert(reqwest::header::AUTHORIZATION, value);
     }
-    let http = reqwest::Client::builder()
+    let http = crate::remote::outbound::Outbound::new(&config.outbound)?
+        .client()
         .default_headers(headers)
         .build()?;
     let response = http

@@ -147,9 +147,14 @@ fn update_with_diagnosis() -> Value {
     update
 }
 
+/// Subscriber doubles listen on this machine: the operator allows it explicitly.
+fn allow_local_subscribers(config: &mut fhirgate::config::Config) {
+    config.outbound.allow_hosts = vec!["127.0.0.1".into()];
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_subscriber_hears_when_a_pended_claim_is_decided() {
-    let app = TestApp::start().await;
+    let app = TestApp::start_with(allow_local_subscribers).await;
     let subscriber = Subscriber::start().await;
     let other = Subscriber::start().await;
     // The requesting organization of the IG's examples has NPI 8189991234.
@@ -281,6 +286,7 @@ async fn a_subscriber_hears_when_a_pended_claim_is_decided() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unsupported_subscriptions_are_refused_and_dead_endpoints_end_in_error() {
     let app = TestApp::start_with(|config| {
+        allow_local_subscribers(config);
         config.sync.max_attempts = 2;
         config.sync.backoff_base_ms = 5;
         config.sync.backoff_max_ms = 20;
@@ -301,6 +307,20 @@ async fn unsupported_subscriptions_are_refused_and_dead_endpoints_end_in_error()
         let (status, outcome) = json(app.post("/Subscription", &body).await).await;
         assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{outcome}");
         assert_outcome(&outcome, "not-supported", Some(expression));
+    }
+    // Endpoints outside the outbound allow-list (the cloud metadata address included) are
+    // refused before anything is sent.
+    for endpoint in [
+        "https://hooks.elsewhere.example/notify",
+        "http://169.254.169.254/latest/meta-data",
+    ] {
+        let (status, outcome) = json(
+            app.post("/Subscription", &subscription(endpoint, None))
+                .await,
+        )
+        .await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{outcome}");
+        assert_outcome(&outcome, "value", Some("Subscription.channel.endpoint"));
     }
 
     // Nobody listens at the endpoint: the handshake fails and the subscription is in error.
@@ -365,7 +385,7 @@ async fn unsupported_subscriptions_are_refused_and_dead_endpoints_end_in_error()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_decisions_get_distinct_event_numbers_and_a_deleted_subscription_hears_nothing()
 {
-    let app = TestApp::start().await;
+    let app = TestApp::start_with(allow_local_subscribers).await;
     let subscriber = Subscriber::start().await;
     let id = subscribe(&app, &subscription(&subscriber.url, None)).await;
     status_becomes(&app, &id, "active").await;

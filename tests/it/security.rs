@@ -363,3 +363,43 @@ async fn oversized_headers_and_slow_clients_are_cut_off() {
         StatusCode::NOT_FOUND
     );
 }
+
+#[tokio::test]
+async fn outbound_tls_is_verified_against_the_system_and_the_extra_ca_bundle() {
+    let certs = tempfile::tempdir().expect("dir");
+    fhirgate::http::tls::generate_dev(certs.path(), &["127.0.0.1".into()]).expect("certs");
+    // An EHR that speaks HTTPS with a certificate from a private CA.
+    let ehr = TestApp::start_with(|config| {
+        config.server.tls = Some(tls_config(certs.path(), false, false));
+        config.auth.required = false;
+    })
+    .await;
+    let ehr_client = tls_client(certs.path()).build().expect("client");
+    let put = ehr_client
+        .put(https(&ehr, "/fhir/Patient/far-1"))
+        .header("content-type", "application/fhir+json")
+        .body(patient("far-1").to_string())
+        .send()
+        .await
+        .expect("put");
+    assert_eq!(put.status(), StatusCode::CREATED);
+    let source = |config: &mut fhirgate::config::Config| {
+        config.sources.insert(
+            "ehr".into(),
+            crate::sync::source_for_url(&https(&ehr, "/fhir")),
+        );
+    };
+    // Without the CA the gateway refuses the EHR's certificate…
+    let untrusting = TestApp::start_with(source).await;
+    let answer = untrusting.get("/ehr/Patient/far-1").await;
+    assert!(answer.status().is_server_error(), "{}", answer.status());
+    // …with it in outbound.ca_file, it reads through.
+    let trusting = TestApp::start_with(|config| {
+        source(config);
+        config.outbound.ca_file = Some(certs.path().join("ca.pem"));
+    })
+    .await;
+    let (status, read) = json(trusting.get("/ehr/Patient/far-1").await).await;
+    assert_eq!(status, StatusCode::OK, "{read}");
+    assert_eq!(read["id"], "far-1");
+}

@@ -56,6 +56,23 @@ pub fn source_for(
     }
 }
 
+/// A plain FHIR source at `base_url`, without credentials.
+pub fn source_for_url(base_url: &str) -> SourceConfig {
+    SourceConfig {
+        kind: SourceKind::Fhir,
+        base_url: Some(base_url.to_owned()),
+        site_id: "default".into(),
+        practice_id: None,
+        auth: None,
+        rate_limit_per_sec: None,
+        page_size: 100,
+        timeout_secs: 10,
+        allow_writes: false,
+        everything: false,
+        patient_types: Vec::new(),
+    }
+}
+
 pub fn oauth(method: ClientAuthMethod, client_id: &str, secret: Option<&str>) -> OAuthConfig {
     OAuthConfig {
         token_url: None,
