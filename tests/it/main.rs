@@ -16,6 +16,7 @@ mod pa;
 mod packets;
 mod pas;
 mod pas_subscriptions;
+mod phi;
 mod rest;
 mod search;
 mod security;
