@@ -19,6 +19,7 @@ pub mod auth;
 pub mod cds;
 pub mod config;
 pub mod fhir;
+pub mod fuzzing;
 pub mod http;
 pub mod pa;
 pub mod packet;
@@ -66,12 +67,16 @@ impl App {
         });
         let policies = Arc::new(load_policies(&config.pa.policies_dir)?);
         let search = Arc::new(SearchRegistry::new(&schema));
+        let cipher =
+            store::crypt::Cipher::from_config(&config.store.encryption, &config.store.data_dir)
+                .context("loading the store encryption keys")?;
         let store: Arc<dyn Store> = Arc::new(
-            EmbeddedStore::open_with_cache(
+            EmbeddedStore::open_with_options(
                 &config.store.data_dir,
                 search.clone(),
                 config.server.request_timeout(),
                 config.store.cache_mb.max(1) << 20,
+                Some(Arc::new(cipher)),
             )
             .with_context(|| format!("opening the store in {}", config.store.data_dir.display()))?,
         );

@@ -491,11 +491,13 @@ pub async fn verify_offline(config: &crate::config::Config) -> anyhow::Result<i3
     let schema = crate::fhir::SchemaValidator::bundled()?;
     let search = Arc::new(crate::fhir::SearchRegistry::new(&schema));
     let data_dir = &config.store.data_dir;
-    let store = crate::store::EmbeddedStore::open_with_cache(
+    let cipher = crate::store::crypt::Cipher::from_config(&config.store.encryption, data_dir)?;
+    let store = crate::store::EmbeddedStore::open_with_options(
         data_dir,
         search,
         config.server.request_timeout(),
         16 << 20,
+        Some(Arc::new(cipher)),
     )
     .with_context(|| {
         format!(

@@ -586,6 +586,31 @@ pub struct StoreConfig {
     pub data_dir: PathBuf,
     /// Page cache of the embedded database, in MiB.
     pub cache_mb: usize,
+    pub encryption: EncryptionConfig,
+}
+
+/// Encryption at rest (see `store::crypt`).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EncryptionConfig {
+    /// AES-256 keys by id; without any, a key is made in `{data_dir}/store.key`.
+    pub keys: Vec<EncryptionKey>,
+    /// The key new values are sealed with (default: the last listed).
+    pub active: Option<String>,
+    /// Seal FHIR resource bodies in the embedded store too (key-value data — sync queue, PAS
+    /// records, subscriptions, secrets — always is).
+    pub resources: bool,
+}
+
+/// One key: 32 bytes as 64 hex digits or base64, in a file or an environment variable.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EncryptionKey {
+    pub id: String,
+    #[serde(default)]
+    pub file: Option<PathBuf>,
+    #[serde(default)]
+    pub env: Option<String>,
 }
 
 impl Default for StoreConfig {
@@ -593,6 +618,7 @@ impl Default for StoreConfig {
         Self {
             data_dir: PathBuf::from("./data"),
             cache_mb: 128,
+            encryption: EncryptionConfig::default(),
         }
     }
 }
@@ -728,6 +754,10 @@ impl Config {
                 }
                 "store__data_dir" => self.store.data_dir = PathBuf::from(&value),
                 "store__cache_mb" => self.store.cache_mb = parse(&value).map_err(bad)?,
+                "store__encryption__resources" => {
+                    self.store.encryption.resources = parse(&value).map_err(bad)?
+                }
+                "store__encryption__active" => self.store.encryption.active = Some(value.clone()),
                 "fhir__validate" => self.fhir.validate = parse(&value).map_err(bad)?,
                 "fhir__schema_path" => self.fhir.schema_path = Some(PathBuf::from(&value)),
                 "fhir__default_page_size" => {

@@ -17,6 +17,7 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
 
+use super::crypt::{self, Cipher};
 use super::record;
 use super::{
     Action, ChangeKind, KvOp, Mutation, Outcome, Page, ResourceVersion, SearchPage, Store,
@@ -54,6 +55,8 @@ fn backend<E: std::fmt::Display>(e: E) -> StoreError {
 /// The embedded redb-backed store.
 pub struct EmbeddedStore {
     db: Arc<Database>,
+    /// Seals key-value data, records (but the audit log's) and, when configured, resources.
+    cipher: Option<Arc<Cipher>>,
     registry: Arc<SearchRegistry>,
     jobs: mpsc::UnboundedSender<Message>,
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
@@ -112,6 +115,17 @@ impl EmbeddedStore {
         write_timeout: Duration,
         cache_bytes: usize,
     ) -> Result<Self, StoreError> {
+        Self::open_with_options(data_dir, registry, write_timeout, cache_bytes, None)
+    }
+
+    /// Like [`EmbeddedStore::open_with_cache`], sealing what it stores with `cipher`.
+    pub fn open_with_options(
+        data_dir: &Path,
+        registry: Arc<SearchRegistry>,
+        write_timeout: Duration,
+        cache_bytes: usize,
+        cipher: Option<Arc<Cipher>>,
+    ) -> Result<Self, StoreError> {
         std::fs::create_dir_all(data_dir).map_err(backend)?;
         let db = Arc::new(
             redb::Builder::new()
@@ -135,6 +149,7 @@ impl EmbeddedStore {
         let (jobs, rx) = mpsc::unbounded_channel();
         let writer = Writer {
             db: db.clone(),
+            cipher: cipher.clone(),
             registry: registry.clone(),
         };
         let writer_alive = Arc::new(AtomicBool::new(true));
@@ -148,6 +163,7 @@ impl EmbeddedStore {
             .map_err(backend)?;
         Ok(Self {
             db,
+            cipher,
             registry,
             jobs,
             writer: Mutex::new(Some(handle)),
@@ -243,7 +259,13 @@ impl Store for EmbeddedStore {
         let txn = self.db.begin_read().map_err(backend)?;
         let current = txn.open_table(CURRENT).map_err(backend)?;
         let history = txn.open_table(HISTORY).map_err(backend)?;
-        let found = load_current(&current, &history, resource_type, id);
+        let found = load_current(
+            &current,
+            &history,
+            resource_type,
+            id,
+            self.cipher.as_deref(),
+        );
         observe("read", started);
         found
     }
@@ -262,7 +284,7 @@ impl Store for EmbeddedStore {
         let found = table
             .get((key.as_str(), version))
             .map_err(backend)?
-            .map(|guard| record::decode(resource_type, id, guard.value()))
+            .map(|guard| record::decode(resource_type, id, guard.value(), self.cipher.as_deref()))
             .transpose();
         observe("vread", started);
         found
@@ -277,6 +299,7 @@ impl Store for EmbeddedStore {
     ) -> Result<SearchPage, StoreError> {
         let resource_type = resource_type.to_owned();
         let id = id.map(str::to_owned);
+        let cipher = self.cipher.clone();
         self.blocking("history", move |db| {
             let txn = db.begin_read().map_err(backend)?;
             let history = txn.open_table(HISTORY).map_err(backend)?;
@@ -321,7 +344,12 @@ impl Store for EmbeddedStore {
                     }
                 }
                 if total >= page.offset && entries.len() < page.count {
-                    entries.push(record::decode(&resource_type, &id, bytes)?);
+                    entries.push(record::decode(
+                        &resource_type,
+                        &id,
+                        bytes,
+                        cipher.as_deref(),
+                    )?);
                 }
                 total += 1;
             }
@@ -338,17 +366,20 @@ impl Store for EmbeddedStore {
     ) -> Result<SearchPage, StoreError> {
         let resource_type = resource_type.to_owned();
         let query = query.clone();
+        let cipher = self.cipher.clone();
         self.blocking("search", move |db| {
+            let cipher = cipher.as_deref();
             let txn = db.begin_read().map_err(backend)?;
             let current = txn.open_table(CURRENT).map_err(backend)?;
             let history = txn.open_table(HISTORY).map_err(backend)?;
             let index = txn.open_table(INDEX).map_err(backend)?;
-            let mut matches = find_matches(&current, &history, &index, &resource_type, &query)?;
+            let mut matches =
+                find_matches(&current, &history, &index, &resource_type, &query, cipher)?;
             sort_matches(&mut matches, query.sort);
             let total = matches.len();
             let mut entries = Vec::new();
             for m in matches.iter().skip(page.offset).take(page.count) {
-                if let Some(rv) = load_current(&current, &history, &resource_type, &m.id)? {
+                if let Some(rv) = load_current(&current, &history, &resource_type, &m.id, cipher)? {
                     entries.push(rv);
                 }
             }
@@ -448,15 +479,17 @@ impl Store for EmbeddedStore {
         keys: Vec<String>,
     ) -> Result<Vec<Option<Bytes>>, StoreError> {
         let space = space.to_owned();
+        let cipher = self.cipher.clone();
         self.blocking("kv_get", move |db| {
             let txn = db.begin_read().map_err(backend)?;
             let table = txn.open_table(KV).map_err(backend)?;
             keys.iter()
                 .map(|key| {
-                    Ok(table
+                    table
                         .get((space.as_str(), key.as_str()))
                         .map_err(backend)?
-                        .map(|v| Bytes::copy_from_slice(v.value())))
+                        .map(|v| open_kv(cipher.as_deref(), &space, key, v.value()))
+                        .transpose()
                 })
                 .collect()
         })
@@ -470,6 +503,7 @@ impl Store for EmbeddedStore {
         limit: usize,
     ) -> Result<Vec<(String, Bytes)>, StoreError> {
         let space = space.to_owned();
+        let cipher = self.cipher.clone();
         self.blocking("kv_scan", move |db| {
             let txn = db.begin_read().map_err(backend)?;
             let table = txn.open_table(KV).map_err(backend)?;
@@ -484,7 +518,10 @@ impl Store for EmbeddedStore {
                 if after.is_some() && key == start {
                     continue;
                 }
-                out.push((key.to_owned(), Bytes::copy_from_slice(v.value())));
+                out.push((
+                    key.to_owned(),
+                    open_kv(cipher.as_deref(), &space, key, v.value())?,
+                ));
                 if out.len() >= limit {
                     break;
                 }
@@ -501,6 +538,7 @@ impl Store for EmbeddedStore {
         limit: usize,
     ) -> Result<Vec<(u64, Bytes)>, StoreError> {
         let stream = stream.to_owned();
+        let cipher = self.cipher.clone();
         self.blocking("records", move |db| {
             let txn = db.begin_read().map_err(backend)?;
             let table = txn.open_table(RECORDS).map_err(backend)?;
@@ -511,7 +549,15 @@ impl Store for EmbeddedStore {
                 .take(limit)
             {
                 let (k, v) = item.map_err(backend)?;
-                out.push((k.value().1, Bytes::copy_from_slice(v.value())));
+                let seq = k.value().1;
+                let payload = match cipher.as_deref() {
+                    Some(c) => Bytes::from(
+                        c.open(&crypt::record_aad(&stream, seq), v.value())?
+                            .into_owned(),
+                    ),
+                    None => Bytes::copy_from_slice(v.value()),
+                };
+                out.push((seq, payload));
             }
             Ok(out)
         })
@@ -544,12 +590,31 @@ impl Drop for EmbeddedStore {
     }
 }
 
+/// Whether `stream`'s records are sealed: all but the audit log's, which holds no PHI and is
+/// checked by `fhirgate audit verify` without keys.
+fn sealed_stream(stream: &str) -> bool {
+    stream != crate::audit::STREAM
+}
+
+fn open_kv(
+    cipher: Option<&Cipher>,
+    space: &str,
+    key: &str,
+    stored: &[u8],
+) -> Result<Bytes, StoreError> {
+    Ok(match cipher {
+        Some(c) => Bytes::from(c.open(&crypt::kv_aad(space, key), stored)?.into_owned()),
+        None => Bytes::copy_from_slice(stored),
+    })
+}
+
 /// The current version of `Type/id`, with its body from `HISTORY`.
 fn load_current<C, H>(
     current: &C,
     history: &H,
     resource_type: &str,
     id: &str,
+    cipher: Option<&Cipher>,
 ) -> Result<Option<ResourceVersion>, StoreError>
 where
     C: ReadableTable<&'static str, &'static [u8]>,
@@ -564,7 +629,7 @@ where
         .get((key.as_str(), header.version))
         .map_err(backend)?
         .ok_or_else(|| StoreError::Corrupt(format!("{key} lost version {}", header.version)))?;
-    record::decode(resource_type, id, guard.value()).map(Some)
+    record::decode(resource_type, id, guard.value(), cipher).map(Some)
 }
 
 /// A search hit before paging.
@@ -582,6 +647,7 @@ fn find_matches<C, H, I>(
     index: &I,
     resource_type: &str,
     query: &SearchQuery,
+    cipher: Option<&Cipher>,
 ) -> Result<Vec<Match>, StoreError>
 where
     C: ReadableTable<&'static str, &'static [u8]>,
@@ -624,8 +690,14 @@ where
                 .map_err(backend)?
                 .ok_or_else(|| StoreError::Corrupt(format!("{key} lost its current version")))?;
             Some(
-                serde_json::from_slice(record::body(guard.value()))
-                    .map_err(|e| StoreError::Corrupt(e.to_string()))?,
+                serde_json::from_slice(&record::open_body(
+                    cipher,
+                    resource_type,
+                    id,
+                    header.version,
+                    record::body(guard.value()),
+                )?)
+                .map_err(|e| StoreError::Corrupt(e.to_string()))?,
             )
         } else {
             None
@@ -713,6 +785,7 @@ fn sort_matches(matches: &mut [Match], sort: Option<Sort>) {
 /// The writer thread's state.
 struct Writer {
     db: Arc<Database>,
+    cipher: Option<Arc<Cipher>>,
     registry: Arc<SearchRegistry>,
 }
 
@@ -842,6 +915,10 @@ impl Writer {
                     for op in std::mem::take(&mut job.kv) {
                         match op.value {
                             Some(value) => {
+                                let value = match &self.cipher {
+                                    Some(c) => c.seal(&crypt::kv_aad(op.space, &op.key), &value),
+                                    None => value,
+                                };
                                 kv.insert((op.space, op.key.as_str()), value.as_slice())
                                     .map_err(backend)?;
                             }
@@ -865,6 +942,12 @@ impl Writer {
                             .transpose()
                             .map_err(backend)?
                             .map_or(0, |(k, _)| k.value().1);
+                        let payload = match &self.cipher {
+                            Some(c) if sealed_stream(&stream) => {
+                                c.seal(&crypt::record_aad(&stream, last + 1), &payload)
+                            }
+                            _ => payload,
+                        };
                         records
                             .insert((stream.as_str(), last + 1), payload.as_slice())
                             .map_err(backend)?;
@@ -1102,7 +1185,9 @@ impl Writer {
             action,
             ..
         } = mutation;
-        let current = |id: &str| load_current(&tables.current, &tables.history, &resource_type, id);
+        let cipher = self.cipher.as_deref();
+        let current =
+            |id: &str| load_current(&tables.current, &tables.history, &resource_type, id, cipher);
         let live = |rv: &Option<ResourceVersion>| rv.as_ref().is_some_and(|r| !r.is_deleted());
         Ok(match action {
             Action::Create {
@@ -1117,6 +1202,7 @@ impl Writer {
                         &tables.index,
                         &resource_type,
                         &query,
+                        self.cipher.as_deref(),
                     )?;
                     match found.as_slice() {
                         [] => {}
@@ -1174,6 +1260,7 @@ impl Writer {
                     &tables.index,
                     &resource_type,
                     &query,
+                    self.cipher.as_deref(),
                 )?;
                 let body_id = resource
                     .get("id")
@@ -1265,6 +1352,7 @@ impl Writer {
             &tables.index,
             resource_type,
             &query,
+            self.cipher.as_deref(),
         )?;
         Ok(match found.as_slice() {
             [one] => Ok(resource_key(resource_type, &one.id)),
@@ -1289,6 +1377,7 @@ impl Writer {
         keys: &[String],
     ) -> Result<ResourceVersion, StoreError> {
         let key = resource_key(resource_type, id);
+        let body = record::seal_body(self.cipher.as_deref(), resource_type, id, version, body);
         let bytes = record::encode(change, version, at, &body);
         let header = record::encode(change, version, at, &[]);
         tables

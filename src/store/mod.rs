@@ -4,6 +4,7 @@
 //! room for a shared PostgreSQL backend when several replicas run. A write is acknowledged only
 //! after it is durable on disk, so a crash or a kill never loses an acknowledged write.
 
+pub mod crypt;
 pub mod embedded;
 mod record;
 

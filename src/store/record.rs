@@ -3,8 +3,11 @@
 //! `[change: u8][version: u64 LE][last_updated: i64 LE][body…]`. The header lets searches on
 //! `_lastUpdated` and deletions skip the JSON entirely.
 
+use std::borrow::Cow;
+
 use bytes::Bytes;
 
+use super::crypt::Cipher;
 use super::{ChangeKind, ResourceVersion, StoreError};
 
 const HEADER: usize = 1 + 8 + 8;
@@ -62,16 +65,51 @@ pub(super) fn decode(
     resource_type: &str,
     id: &str,
     bytes: &[u8],
+    cipher: Option<&Cipher>,
 ) -> Result<ResourceVersion, StoreError> {
     let h = header(bytes)?;
+    let plain = open_body(cipher, resource_type, id, h.version, body(bytes))?;
     Ok(ResourceVersion {
         resource_type: resource_type.to_owned(),
         id: id.to_owned(),
         version: h.version,
         last_updated: h.last_updated,
         change: h.change,
-        body: Bytes::copy_from_slice(body(bytes)),
+        body: Bytes::copy_from_slice(&plain),
     })
+}
+
+/// The associated data of `Type/id` at `version`.
+fn aad(resource_type: &str, id: &str, version: u64) -> Vec<u8> {
+    super::crypt::resource_aad(&format!("{resource_type}/{id}"), version)
+}
+
+/// The body as written: sealed when the cipher encrypts resources.
+pub(super) fn seal_body(
+    cipher: Option<&Cipher>,
+    resource_type: &str,
+    id: &str,
+    version: u64,
+    body: Vec<u8>,
+) -> Vec<u8> {
+    match cipher.filter(|c| c.resources) {
+        Some(cipher) if !body.is_empty() => cipher.seal(&aad(resource_type, id, version), &body),
+        _ => body,
+    }
+}
+
+/// The plain body of a stored version (sealed or not).
+pub(super) fn open_body<'a>(
+    cipher: Option<&Cipher>,
+    resource_type: &str,
+    id: &str,
+    version: u64,
+    body: &'a [u8],
+) -> Result<Cow<'a, [u8]>, StoreError> {
+    match cipher {
+        Some(cipher) => cipher.open(&aad(resource_type, id, version), body),
+        None => Ok(Cow::Borrowed(body)),
+    }
 }
 
 #[cfg(test)]
@@ -81,7 +119,7 @@ mod tests {
     #[test]
     fn round_trip() {
         let bytes = encode(ChangeKind::Update, 7, -5, b"{}");
-        let rv = decode("Patient", "a", &bytes).expect("decodes");
+        let rv = decode("Patient", "a", &bytes, None).expect("decodes");
         assert_eq!(
             (rv.version, rv.last_updated, rv.change),
             (7, -5, ChangeKind::Update)

@@ -277,7 +277,9 @@ fn tampered_copy(
     tamper: impl FnOnce(&mut redb::Table<(&str, u64), &[u8]>),
 ) -> tempfile::TempDir {
     let dir = tempfile::tempdir().expect("temp dir");
-    std::fs::copy(from.join("fhirgate.redb"), dir.path().join("fhirgate.redb")).expect("copy");
+    for file in ["fhirgate.redb", "store.key"] {
+        std::fs::copy(from.join(file), dir.path().join(file)).expect("copy");
+    }
     let db = redb::Database::open(dir.path().join("fhirgate.redb")).expect("open");
     let txn = db.begin_write().expect("write");
     {

@@ -564,10 +564,15 @@ async fn feedback_is_accepted_and_counted() {
     // Kept in the store: two outcomes, the refused batch left nothing.
     let dir = app.stop().await;
     let registry = std::sync::Arc::new(fhirgate::fhir::SearchRegistry::new(schema()));
-    let store = fhirgate::store::EmbeddedStore::open(
+    // Feedback is sealed at rest; the server's own key (made in the data folder) opens it.
+    let cipher =
+        fhirgate::store::crypt::Cipher::from_config(&Default::default(), dir.path()).expect("key");
+    let store = fhirgate::store::EmbeddedStore::open_with_options(
         dir.path(),
         registry,
         std::time::Duration::from_secs(5),
+        16 << 20,
+        Some(std::sync::Arc::new(cipher)),
     )
     .expect("store");
     use fhirgate::store::Store as _;

@@ -11,6 +11,7 @@ mod conformance;
 mod durability;
 mod ehr_double;
 mod examples;
+mod fuzz_regressions;
 mod ops;
 mod pa;
 mod packets;

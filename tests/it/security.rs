@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use fhirgate::config::{ConfiguredApiKey, TlsConfig};
 use reqwest::StatusCode;
-use serde_json::Value;
+use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::helpers::{client_with, json, patient, TestApp, TEST_ADMIN_KEY};
@@ -402,4 +402,82 @@ async fn outbound_tls_is_verified_against_the_system_and_the_extra_ca_bundle() {
     let (status, read) = json(trusting.get("/ehr/Patient/far-1").await).await;
     assert_eq!(status, StatusCode::OK, "{read}");
     assert_eq!(read["id"], "far-1");
+}
+
+/// A key file holding `byte` 32 times, as hex.
+fn key_file(dir: &Path, id: &str, byte: u8) -> fhirgate::config::EncryptionKey {
+    let path = dir.join(format!("{id}.key"));
+    std::fs::write(&path, format!("{byte:02x}").repeat(32)).expect("key");
+    fhirgate::config::EncryptionKey {
+        id: id.into(),
+        file: Some(path),
+        env: None,
+    }
+}
+
+#[tokio::test]
+async fn stored_data_is_encrypted_and_key_rotation_keeps_it_readable() {
+    let keys = tempfile::tempdir().expect("dir");
+    let first = key_file(keys.path(), "2026-01", 0x11);
+    let second = key_file(keys.path(), "2026-07", 0x22);
+    let with_keys = |list: Vec<fhirgate::config::EncryptionKey>| {
+        move |config: &mut fhirgate::config::Config| {
+            config.store.encryption.keys = list;
+            config.store.encryption.resources = true;
+        }
+    };
+    let app = TestApp::start_with(with_keys(vec![first.clone()])).await;
+    let mut before = patient("enc-1");
+    before["name"] = json!([{"family": "Vandermolen", "given": ["Ottoline"]}]);
+    assert_eq!(app.put("/Patient/enc-1", &before).await.status(), 201);
+    // Something kept in the key-value space too: an API key's record.
+    let made = app
+        .client
+        .post(app.url("/auth/api-keys"))
+        .json(&json!({"name": "Zephyrine-feed", "roles": ["read-only"]}))
+        .send()
+        .await
+        .expect("key");
+    assert_eq!(made.status(), StatusCode::CREATED);
+    let data = app.stop().await;
+    let raw = std::fs::read(data.path().join("fhirgate.redb")).expect("db");
+    let contains = |needle: &[u8]| raw.windows(needle.len()).any(|w| w == needle);
+    assert!(
+        !contains(b"\"family\":\"Vandermolen\""),
+        "a resource body in the clear"
+    );
+    assert!(!contains(b"Ottoline"), "a given name in the clear");
+    assert!(!contains(b"Zephyrine"), "a key-value record in the clear");
+
+    // A new active key: old data stays readable, new data is sealed with the new key.
+    let app = TestApp::start_in(data, with_keys(vec![first.clone(), second.clone()])).await;
+    let (status, read) = json(app.get("/Patient/enc-1").await).await;
+    assert_eq!(status, 200, "{read}");
+    assert_eq!(read["name"][0]["given"][0], "Ottoline");
+    let mut after = patient("enc-2");
+    after["name"] = json!([{"family": "Brightwater"}]);
+    assert_eq!(app.put("/Patient/enc-2", &after).await.status(), 201);
+    let (status, listed) = json(
+        app.client
+            .get(app.url("/auth/api-keys"))
+            .send()
+            .await
+            .expect("keys"),
+    )
+    .await;
+    assert_eq!(status, 200, "{listed}");
+    assert!(listed.to_string().contains("Zephyrine-feed"));
+    let data = app.stop().await;
+
+    let app = TestApp::start_in(data, with_keys(vec![first, second.clone()])).await;
+    assert_eq!(app.get("/Patient/enc-1").await.status(), 200);
+    assert_eq!(app.get("/Patient/enc-2").await.status(), 200);
+    let data = app.stop().await;
+    // Without the old key, what it sealed cannot be read: the server says so and stops.
+    let mut config = fhirgate::config::Config::default();
+    config.store.data_dir = data.path().to_path_buf();
+    with_keys(vec![second.clone()])(&mut config);
+    let refused = fhirgate::App::build(&config, "http://127.0.0.1:1").await;
+    let message = format!("{:#}", refused.err().expect("refused"));
+    assert!(message.contains("not configured"), "{message}");
 }
