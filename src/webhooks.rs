@@ -89,7 +89,7 @@ impl Webhooks {
                 Hook {
                     key,
                     destination: hook.destination.clone(),
-                    tolerance_secs: hook.tolerance_secs as i64,
+                    tolerance_secs: hook.tolerance_secs.clamp(1, 7 * 24 * 3600) as i64,
                 },
             );
         }
@@ -278,7 +278,14 @@ async fn receive(
     }
     if now - *last_prune > 600 {
         *last_prune = now;
-        let horizon = now - 2 * hook.tolerance_secs.max(300);
+        // Ids of every source are kept as long as the most tolerant source needs them.
+        let longest = api
+            .hooks
+            .values()
+            .map(|h| h.tolerance_secs)
+            .max()
+            .unwrap_or(300);
+        let horizon = now - 2 * longest.max(300);
         if let Err(e) = forget_before(api.store.as_ref(), horizon).await {
             tracing::warn!(error = %e, "old webhook ids could not be removed");
         }

@@ -321,7 +321,11 @@ async fn search(
     let mut after = query.after;
     let mut scanned = 0usize;
     let mut more = false;
+    // `_count=0` asks for no entries (and so no next page).
     'scan: loop {
+        if query.count == 0 {
+            break;
+        }
         let page = store
             .records(STREAM, after, PAGE)
             .await

@@ -173,8 +173,9 @@ impl AuditLog {
                 let mut daily = tokio::time::interval(Duration::from_secs(24 * 3600));
                 loop {
                     daily.tick().await;
-                    let cutoff = crate::fhir::date::now_micros()
-                        - i64::from(retention_days) * 24 * 3600 * 1_000_000;
+                    let cutoff = crate::fhir::date::now_micros().saturating_sub(
+                        i64::from(retention_days.min(100 * 366)) * 24 * 3600 * 1_000_000,
+                    );
                     match prune(store.as_ref(), cutoff).await {
                         Ok(0) => {}
                         Ok(removed) => tracing::info!(removed, "old audit records removed"),
@@ -371,8 +372,17 @@ pub struct Tampered {
     pub problem: String,
 }
 
-/// Walks the chain from the anchor to the head; `Ok(Err(…))` names the first break.
+/// Walks the chain from the anchor to the head; `Ok(Err(…))` names the first break. Records
+/// committed after the head was read are left for the next check; a break found while the log
+/// was being pruned is checked once more before it is reported.
 pub async fn verify_chain(store: &dyn Store) -> Result<Result<Verified, Tampered>, StoreError> {
+    match walk_chain(store).await? {
+        Ok(verified) => Ok(Ok(verified)),
+        Err(_) => walk_chain(store).await,
+    }
+}
+
+async fn walk_chain(store: &dyn Store) -> Result<Result<Verified, Tampered>, StoreError> {
     let anchor = read_link(store, ANCHOR)
         .await?
         .unwrap_or_else(Link::genesis);
@@ -398,6 +408,10 @@ pub async fn verify_chain(store: &dyn Store) -> Result<Result<Verified, Tampered
             // Left over from a prune that stopped between writing the anchor and trimming.
             if record.seq <= anchor.seq && first.is_none() {
                 continue;
+            }
+            // Written after the head was read: the next check covers it.
+            if record.seq > head.seq && link.seq >= head.seq {
+                break;
             }
             first.get_or_insert(record.seq);
             let problem = if record.seq != link.seq + 1 {

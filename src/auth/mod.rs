@@ -339,6 +339,9 @@ struct RateLimits {
     limiter: governor::DefaultKeyedRateLimiter<String>,
     /// Checks since idle callers were last forgotten.
     checks: std::sync::atomic::AtomicU32,
+    /// Addresses over their limit of failed logins, until when: their credentials are not
+    /// even looked at meanwhile.
+    blocked: std::sync::Mutex<HashMap<String, std::time::Instant>>,
 }
 
 impl RateLimits {
@@ -350,6 +353,35 @@ impl RateLimits {
                 governor::Quota::per_second(rate).allow_burst(burst),
             ),
             checks: std::sync::atomic::AtomicU32::new(0),
+            blocked: std::sync::Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Seconds `key` must still wait after too many failed logins.
+    fn blocked_for(&self, key: &str) -> Option<u64> {
+        let now = std::time::Instant::now();
+        let mut blocked = self.blocked.lock().unwrap_or_else(|p| p.into_inner());
+        match blocked.get(key) {
+            Some(until) if *until > now => {
+                let wait = *until - now;
+                Some(wait.as_secs() + u64::from(wait.subsec_nanos() > 0))
+            }
+            Some(_) => {
+                blocked.remove(key);
+                None
+            }
+            None => None,
+        }
+    }
+
+    /// Counts a failed login from `key`; `Err(wait)` once it is over its limit.
+    fn failed(&self, key: &str) -> Result<(), u64> {
+        self.check(key).inspect_err(|wait| {
+            let until = std::time::Instant::now() + std::time::Duration::from_secs(*wait);
+            let mut blocked = self.blocked.lock().unwrap_or_else(|p| p.into_inner());
+            let now = std::time::Instant::now();
+            blocked.retain(|_, until| *until > now);
+            blocked.insert(key.to_owned(), until);
         })
     }
 
@@ -629,6 +661,12 @@ pub async fn guard(State(auth): State<Arc<AuthApi>>, request: Request, next: Nex
             entry.who = "cds-client".into();
             entry.via = "cds-jwt".into();
             entry
+        } else if path == "/auth/token" {
+            // Token requests are logins: limited by address and recorded, refused or not.
+            let mut entry = audit_entry(&request, "login", None, None, Some(path));
+            entry.who = "token-client".into();
+            entry.via = "client-assertion".into();
+            entry
         } else if let Some(source) = path.strip_prefix("/webhooks/") {
             let mut entry = audit_entry(&request, "webhook", None, None, Some(path));
             entry.who = format!("webhook:{}", source.chars().take(64).collect::<String>());
@@ -700,11 +738,19 @@ async fn admit(
 ) -> Response {
     let by_address = || format!("ip:{}", entry.source.as_deref().unwrap_or("unknown"));
     let principal = if auth.required {
+        // An address that failed too often waits before any credential of it is checked,
+        // the right one included: guessing stays slow.
+        if let Some(wait) = auth
+            .limits
+            .as_ref()
+            .and_then(|l| l.blocked_for(&by_address()))
+        {
+            return too_many(entry, wait);
+        }
         let peer = request.extensions().get::<crate::http::Peer>();
         let authenticated = auth.authenticate(request.headers(), peer).await;
-        // Failed attempts count against the caller's address, which slows down guessing.
         if !matches!(authenticated, Ok(Some(_))) {
-            if let Some(Err(wait)) = auth.limits.as_ref().map(|l| l.check(&by_address())) {
+            if let Some(Err(wait)) = auth.limits.as_ref().map(|l| l.failed(&by_address())) {
                 return too_many(entry, wait);
             }
         }
@@ -720,13 +766,19 @@ async fn admit(
     } else {
         Principal::anonymous()
     };
-    entry.who.clone_from(&principal.subject);
+    // API keys and certificates name themselves `api-key:…`, `mtls:…`; tokens' subjects are
+    // prefixed too, so a token whose `sub` reads `api-key:x` is never taken for that key.
+    let who = match principal.via {
+        "jwt" | "token" => format!("{}:{}", principal.via, principal.subject),
+        _ => principal.subject.clone(),
+    };
     entry.via = principal.via.into();
     let key = if principal.via == "open" {
         by_address()
     } else {
-        principal.subject.clone()
+        who.clone()
     };
+    entry.who = who;
     if let Some(Err(wait)) = auth.limits.as_ref().map(|l| l.check(&key)) {
         return too_many(entry, wait);
     }

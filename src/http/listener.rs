@@ -85,6 +85,33 @@ impl Drop for CappedStream {
     }
 }
 
+/// The HTTP/2 connection preface.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+impl CappedStream {
+    /// Waits until the client has sent enough to tell HTTP/1 from HTTP/2, without consuming
+    /// it; `false` when the client closed or sent nothing usable in time. (The protocol
+    /// sniffing of the HTTP server has no time limit of its own.)
+    pub async fn first_bytes(&self, within: std::time::Duration) -> bool {
+        let waited = tokio::time::timeout(within, async {
+            let mut buf = [0u8; 24];
+            loop {
+                let n = self.stream.peek(&mut buf).await.ok()?;
+                if n == 0 {
+                    return None;
+                }
+                // Enough to decide: a full preface, or bytes that cannot begin one.
+                if n >= H2_PREFACE.len() || buf[..n] != H2_PREFACE[..n] {
+                    return Some(());
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
+        })
+        .await;
+        matches!(waited, Ok(Some(())))
+    }
+}
+
 impl AsyncRead for CappedStream {
     fn poll_read(
         self: Pin<&mut Self>,

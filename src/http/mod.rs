@@ -277,7 +277,12 @@ where
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(options.header_read_timeout);
-    builder.http2().timer(TokioTimer::new());
+    // Idle HTTP/2 connections are pinged; one that stops answering is closed.
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(Duration::from_secs(30))
+        .keep_alive_timeout(options.header_read_timeout);
     let tls = options.tls.map(tokio_rustls::TlsAcceptor::from);
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     tokio::pin!(shutdown);
@@ -293,6 +298,10 @@ where
         let handshake_timeout = options.header_read_timeout;
         tokio::spawn(async move {
             let Some(acceptor) = tls else {
+                // A client that connects and says nothing gives its slot back in time.
+                if !stream.first_bytes(handshake_timeout).await {
+                    return;
+                }
                 let peer = Peer {
                     addr,
                     client_cert: None,
@@ -308,6 +317,13 @@ where
                         .and_then(|chain| chain.first())
                         .map(|cert| tls::fingerprint(cert));
                     let peer = Peer { addr, client_cert };
+                    // The protocol was agreed in the handshake (ALPN): no sniffing, so the
+                    // header timeout of HTTP/1 (or the pings of HTTP/2) apply from the start.
+                    let builder = if stream.get_ref().1.alpn_protocol() == Some(b"h2") {
+                        builder.http2_only()
+                    } else {
+                        builder.http1_only()
+                    };
                     serve_connection(builder, watcher, stream, peer, app).await
                 }
                 Ok(Err(e)) => {

@@ -11,7 +11,6 @@
 //! `outbound.ca_file`; certificates are always verified.
 
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
 
 use anyhow::Context;
 
@@ -38,8 +37,12 @@ pub fn is_private(ip: IpAddr) -> bool {
                 || v4.is_multicast()
                 || v4.is_documentation()
                 || a == 0
-                // Carrier-grade NAT, 100.64.0.0/10.
+                // Carrier-grade NAT 100.64.0.0/10, IETF 192.0.0.0/24, benchmarking
+                // 198.18.0.0/15, reserved 240.0.0.0/4.
                 || (a == 100 && (64..128).contains(&b))
+                || (a == 192 && b == 0 && v4.octets()[2] == 0)
+                || (a == 198 && (b == 18 || b == 19))
+                || a >= 240
         }
         IpAddr::V6(v6) => {
             let first = v6.segments()[0];
@@ -50,7 +53,26 @@ pub fn is_private(ip: IpAddr) -> bool {
                 || (first & 0xfe00) == 0xfc00
                 || (first & 0xffc0) == 0xfe80
                 || v6.to_ipv4_mapped().is_some_and(|v4| is_private(IpAddr::V4(v4)))
+                // IPv4 carried in IPv6: IPv4-compatible ::a.b.c.d, NAT64 64:ff9b::/96, and
+                // 6to4 2002::/16 — judged by the IPv4 address inside.
+                || embedded_v4(&v6).is_some_and(|v4| is_private(IpAddr::V4(v4)))
         }
+    }
+}
+
+/// The IPv4 address an IPv6 address carries, for the transition prefixes.
+fn embedded_v4(v6: &std::net::Ipv6Addr) -> Option<std::net::Ipv4Addr> {
+    let s = v6.segments();
+    let from = |hi: u16, lo: u16| {
+        let [a, b] = hi.to_be_bytes();
+        let [c, d] = lo.to_be_bytes();
+        std::net::Ipv4Addr::new(a, b, c, d)
+    };
+    match s {
+        [0, 0, 0, 0, 0, 0, hi, lo] if hi != 0 => Some(from(hi, lo)),
+        [0x64, 0xff9b, 0, 0, 0, 0, hi, lo] => Some(from(hi, lo)),
+        [0x2002, hi, lo, ..] => Some(from(hi, lo)),
+        _ => None,
     }
 }
 
@@ -136,36 +158,37 @@ impl Outbound {
         Ok(())
     }
 
-    /// A client for caller-named URLs: no redirects, and names that resolve to private
-    /// addresses refused unless listed exactly.
-    pub fn caller_client(self: &Arc<Self>) -> reqwest::ClientBuilder {
+    /// A client for one caller-named URL: no redirects, no proxy, and its host may resolve
+    /// to private addresses only if that host (and port) is listed exactly.
+    pub fn caller_client(&self, url: &str) -> reqwest::ClientBuilder {
+        let allow_private = reqwest::Url::parse(url).ok().is_some_and(|u| {
+            let port = u.port_or_known_default().unwrap_or(443);
+            u.host_str()
+                .and_then(|host| self.allowed(host, port))
+                .unwrap_or(false)
+        });
         self.client()
             .redirect(reqwest::redirect::Policy::none())
-            .dns_resolver(GuardedResolver {
-                policy: self.clone(),
-            })
+            .no_proxy()
+            .dns_resolver(GuardedResolver { allow_private })
     }
 }
 
 struct GuardedResolver {
-    policy: Arc<Outbound>,
+    /// The URL's host and port are listed exactly.
+    allow_private: bool,
 }
 
 impl reqwest::dns::Resolve for GuardedResolver {
     fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
         let host = name.as_str().to_owned();
-        let policy = self.policy.clone();
+        let allow_private = self.allow_private;
         Box::pin(async move {
             let addresses: Vec<SocketAddr> =
                 tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
-            // The port is not known here; an exact entry with a port still names the host.
-            let exact = policy
-                .allow
-                .iter()
-                .any(|a| *a == host || a.rsplit_once(':').is_some_and(|(h, _)| h == host));
             let usable: Vec<SocketAddr> = addresses
                 .into_iter()
-                .filter(|a| exact || !is_private(a.ip()))
+                .filter(|a| allow_private || !is_private(a.ip()))
                 .collect();
             if usable.is_empty() {
                 return Err(format!("{host} resolves only to private addresses").into());
@@ -203,6 +226,10 @@ mod tests {
         assert!(p.check_caller_url("http://127.0.0.1:9000/x").is_ok());
         assert!(p.check_caller_url("http://127.0.0.1:9001/x").is_err());
         assert!(p.check_caller_url("ftp://hooks.payer.example/x").is_err());
+        // The exact entry's port matters: a wildcard match elsewhere is not exact.
+        let ported = policy(&["internal.payer.example:8443", "*.payer.example"]);
+        assert_eq!(ported.allowed("internal.payer.example", 8443), Some(true));
+        assert_eq!(ported.allowed("internal.payer.example", 6379), Some(false));
         let wild = policy(&["*.internal.example", "10.1.2.3"]);
         assert!(wild.check_caller_url("http://10.1.2.3/x").is_ok());
         assert!(wild
@@ -239,12 +266,12 @@ mod tests {
     async fn names_resolving_to_private_addresses_are_refused() {
         use reqwest::dns::Resolve;
         let resolver = GuardedResolver {
-            policy: Arc::new(policy(&["*.localhost"])),
+            allow_private: false,
         };
         let refused = resolver.resolve("localhost".parse().expect("name")).await;
         assert!(refused.is_err());
         let exact = GuardedResolver {
-            policy: Arc::new(policy(&["localhost"])),
+            allow_private: true,
         };
         let addresses: Vec<SocketAddr> = exact
             .resolve("localhost".parse().expect("name"))

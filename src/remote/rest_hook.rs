@@ -43,7 +43,7 @@ impl RestHookSink {
         // A subscriber's redirect is not followed (the notification goes where it was told),
         // and its name may not lead to a private address unless the operator listed it.
         let http = outbound
-            .caller_client()
+            .caller_client(endpoint)
             .timeout(timeout)
             .connect_timeout(timeout.min(Duration::from_secs(10)))
             .build()

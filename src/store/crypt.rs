@@ -143,10 +143,22 @@ impl Cipher {
         out
     }
 
-    /// Decrypts what [`Cipher::seal`] made; passes anything without the prefix through.
+    /// Decrypts what [`Cipher::seal`] made; passes anything without the prefix through
+    /// (resource bodies written while resource sealing was off).
     pub fn open<'a>(&self, aad: &[u8], stored: &'a [u8]) -> Result<Cow<'a, [u8]>, StoreError> {
-        let Some(rest) = stored.strip_prefix(MAGIC.as_slice()) else {
+        if !stored.starts_with(MAGIC) {
             return Ok(Cow::Borrowed(stored));
+        }
+        self.open_sealed(aad, stored).map(Cow::Owned)
+    }
+
+    /// Decrypts what [`Cipher::seal`] made and refuses anything else: for values that are
+    /// always sealed, where a plain value can only have been planted in the file.
+    pub fn open_sealed(&self, aad: &[u8], stored: &[u8]) -> Result<Vec<u8>, StoreError> {
+        let Some(rest) = stored.strip_prefix(MAGIC.as_slice()) else {
+            return Err(StoreError::Corrupt(
+                "a value that must be encrypted is not (written outside the server?)".into(),
+            ));
         };
         let corrupt = |what: &str| StoreError::Corrupt(format!("encrypted value: {what}"));
         let (&id_len, rest) = rest.split_first().ok_or_else(|| corrupt("truncated"))?;
@@ -171,7 +183,7 @@ impl Cipher {
             .map_err(|_| corrupt("it does not decrypt (wrong key, altered, or moved)"))?;
         let len = plain.len();
         buffer.truncate(len);
-        Ok(Cow::Owned(buffer))
+        Ok(buffer)
     }
 }
 
@@ -208,8 +220,10 @@ mod tests {
         let last = altered.len() - 1;
         altered[last] ^= 1;
         assert!(cipher.open(&kv_aad("pas", "claim-1"), &altered).is_err());
-        // Plain values written before encryption pass through.
+        // Plain resource bodies (written with resource sealing off) pass through; where
+        // everything is sealed, a plain value is refused.
         assert_eq!(&cipher.open(b"x", b"{}").expect("plain")[..], b"{}");
+        assert!(cipher.open_sealed(b"x", b"{}").is_err());
     }
 
     #[test]

@@ -551,11 +551,10 @@ impl Store for EmbeddedStore {
                 let (k, v) = item.map_err(backend)?;
                 let seq = k.value().1;
                 let payload = match cipher.as_deref() {
-                    Some(c) => Bytes::from(
-                        c.open(&crypt::record_aad(&stream, seq), v.value())?
-                            .into_owned(),
-                    ),
-                    None => Bytes::copy_from_slice(v.value()),
+                    Some(c) if sealed_stream(&stream) => {
+                        Bytes::from(c.open_sealed(&crypt::record_aad(&stream, seq), v.value())?)
+                    }
+                    _ => Bytes::copy_from_slice(v.value()),
                 };
                 out.push((seq, payload));
             }
@@ -603,7 +602,7 @@ fn open_kv(
     stored: &[u8],
 ) -> Result<Bytes, StoreError> {
     Ok(match cipher {
-        Some(c) => Bytes::from(c.open(&crypt::kv_aad(space, key), stored)?.into_owned()),
+        Some(c) => Bytes::from(c.open_sealed(&crypt::kv_aad(space, key), stored)?),
         None => Bytes::copy_from_slice(stored),
     })
 }

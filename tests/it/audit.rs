@@ -242,6 +242,29 @@ async fn every_access_is_recorded_and_shown_to_admins_as_audit_events() {
     assert_eq!(app.get("/AuditEvent/999999").await.status(), 404);
     let (status, outcome) = json(app.get("/AuditEvent?name=x").await).await;
     assert_eq!(status, 400, "{outcome}");
+    let (status, none) = json(app.get("/AuditEvent?_count=0").await).await;
+    assert_eq!(status, 200, "{none}");
+    assert!(
+        none["entry"].as_array().is_some_and(Vec::is_empty),
+        "{none}"
+    );
+    assert!(
+        none["link"].as_array().is_some_and(|l| l.len() == 1),
+        "{none}"
+    );
+    // Token requests are logins, recorded whether they succeed or not.
+    let token = Client::new()
+        .post(app.url("/auth/token"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body("grant_type=client_credentials")
+        .send()
+        .await
+        .expect("token");
+    assert_eq!(token.status(), 400);
+    let logins = all_events(&app, "agent=token-client").await;
+    assert_eq!(logins.len(), 1, "{logins:#?}");
+    assert_eq!(logins[0]["type"]["code"], "110114");
+    assert_eq!(logins[0]["outcome"], "4");
 
     let (status, verified) = json(
         app.client

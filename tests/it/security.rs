@@ -283,6 +283,9 @@ async fn each_client_has_its_own_rate_limit() {
     }
     assert_eq!(&guessed[..3], [401, 401, 401], "{guessed:?}");
     assert!(guessed[3..].contains(&429), "{guessed:?}");
+    // Meanwhile that address is not heard at all, right key or not.
+    let blocked = other.get(app.fhir("/Patient")).send().await.expect("get");
+    assert_eq!(blocked.status(), StatusCode::TOO_MANY_REQUESTS);
     // Health checks are never limited.
     for _ in 0..10 {
         let health = app
@@ -315,6 +318,14 @@ async fn oversized_headers_and_slow_clients_are_cut_off() {
     assert_eq!(outcome["issue"][0]["code"], "too-long");
 
     let address = app.base.trim_start_matches("http://").to_owned();
+    // A connection that never says anything: closed, so it cannot hold a connection slot.
+    let mut silent = tokio::net::TcpStream::connect(&address)
+        .await
+        .expect("connect");
+    let mut nothing = Vec::new();
+    let closed =
+        tokio::time::timeout(Duration::from_secs(30), silent.read_to_end(&mut nothing)).await;
+    assert!(closed.is_ok(), "a silent connection was left open");
     // Headers that never finish: the server closes the connection.
     let mut slow = tokio::net::TcpStream::connect(&address)
         .await
@@ -480,4 +491,28 @@ async fn stored_data_is_encrypted_and_key_rotation_keeps_it_readable() {
     let refused = fhirgate::App::build(&config, "http://127.0.0.1:1").await;
     let message = format!("{:#}", refused.err().expect("refused"));
     assert!(message.contains("not configured"), "{message}");
+
+    // A plain value planted in the file where everything is sealed is refused, not trusted.
+    let planted = tempfile::tempdir().expect("dir");
+    std::fs::copy(
+        data.path().join("fhirgate.redb"),
+        planted.path().join("fhirgate.redb"),
+    )
+    .expect("copy");
+    {
+        const KV: redb::TableDefinition<(&str, &str), &[u8]> = redb::TableDefinition::new("kv");
+        let db = redb::Database::open(planted.path().join("fhirgate.redb")).expect("open");
+        let txn = db.begin_write().expect("write");
+        txn.open_table(KV)
+            .expect("kv")
+            .insert(("auth.meta", "token-secret"), b"attacker-chosen".as_slice())
+            .expect("plant");
+        txn.commit().expect("commit");
+    }
+    let mut config = fhirgate::config::Config::default();
+    config.store.data_dir = planted.path().to_path_buf();
+    with_keys(vec![key_file(keys.path(), "2026-01", 0x11), second])(&mut config);
+    let refused = fhirgate::App::build(&config, "http://127.0.0.1:1").await;
+    let message = format!("{:#}", refused.err().expect("refused"));
+    assert!(message.contains("must be encrypted"), "{message}");
 }
