@@ -135,7 +135,12 @@ pub fn audit_event(record: &Record) -> Value {
             "type": [coding(SOURCE_TYPE, "4", "Application Server")],
         },
     });
-    if entry.outcome >= 400 || entry.resource_type.is_none() {
+    // A change is recorded before it runs (status 0), and again with its result.
+    let started = entry.outcome == 0 && entry.action != "start";
+    if started {
+        event.as_object_mut().map(|e| e.remove("outcome"));
+        event["outcomeDesc"] = json!("started; the record with the same request id has its result");
+    } else if entry.outcome >= 400 || entry.resource_type.is_none() {
         let status = if entry.outcome > 0 {
             format!("HTTP {}", entry.outcome)
         } else {

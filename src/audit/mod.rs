@@ -7,9 +7,10 @@
 //! record, a cut-off end included. Records hold resource types and ids, never content, names or
 //! search values.
 //!
-//! Writes (and admin actions) wait for their record to be committed before they are answered;
-//! reads are recorded without waiting, so a hard kill can lose the records of the last few
-//! milliseconds of reads, never of writes. Records older than the retention period are removed
+//! A change is recorded before it runs ([`AuditLog::record_before`]): that commit is not flushed
+//! itself, but the change's own (durable) commit comes after it and takes it to disk, so no
+//! change is stored without its record, at the cost of no extra flush. Results and reads are
+//! recorded without waiting and reach the disk within [`FLUSH_EVERY`]. Records older than the retention period are removed
 //! from the start of the log; the last removed record's hash becomes the anchor the chain is
 //! verified from.
 
@@ -141,6 +142,8 @@ async fn read_link(store: &dyn Store, key: &str) -> Result<Option<Link>, StoreEr
 struct Submission {
     entry: Entry,
     committed: Option<oneshot::Sender<()>>,
+    /// Whether its commit must reach the disk before it is acknowledged.
+    durable: bool,
 }
 
 /// What the writer is sent. Nearly every message is an entry, so entries are not boxed.
@@ -192,30 +195,43 @@ impl AuditLog {
         }))
     }
 
-    /// Records `entry` without waiting for it to be committed.
+    /// Records `entry` without waiting; it reaches the disk within a second.
     pub async fn record(&self, entry: Entry) {
         let submission = Submission {
             entry,
             committed: None,
+            durable: false,
         };
         if self.tx.send(Message::Entry(submission)).await.is_err() {
             tracing::error!("audit record after the log closed");
         }
     }
 
-    /// Records `entry` and waits until it is committed.
+    /// Records `entry` and waits until it is on disk.
     pub async fn record_durably(&self, entry: Entry) {
+        self.submit_waiting(entry, true).await;
+    }
+
+    /// Records `entry` and waits until it is committed, without flushing that commit: the
+    /// next durable commit of the store — a write the caller makes next — carries it to disk.
+    /// So a write is never on disk without the record made before it.
+    pub async fn record_before(&self, entry: Entry) {
+        self.submit_waiting(entry, false).await;
+    }
+
+    async fn submit_waiting(&self, entry: Entry, durable: bool) {
         let (done, committed) = oneshot::channel();
         let submission = Submission {
             entry,
             committed: Some(done),
+            durable,
         };
         if self.tx.send(Message::Entry(submission)).await.is_err() || committed.await.is_err() {
             tracing::error!("audit record after the log closed");
         }
     }
 
-    /// Waits until everything recorded so far is committed.
+    /// Waits until everything recorded so far is on disk.
     pub async fn flush(&self) {
         let (done, flushed) = oneshot::channel();
         if self.tx.send(Message::Flush(done)).await.is_ok() {
@@ -276,10 +292,27 @@ impl AuditLog {
     }
 }
 
+/// Longest a committed record waits for its commit to reach the disk.
+const FLUSH_EVERY: Duration = Duration::from_secs(1);
+
 async fn write_loop(store: Arc<dyn Store>, mut head: Link, mut rx: mpsc::Receiver<Message>) {
     let mut batch: Vec<Submission> = Vec::with_capacity(BATCH);
     let mut flushes: Vec<oneshot::Sender<()>> = Vec::new();
-    while let Some(first) = rx.recv().await {
+    // Commits made without flushing, and when the disk last had everything.
+    let mut dirty = false;
+    let mut flushed_at = std::time::Instant::now();
+    loop {
+        let first = match tokio::time::timeout(FLUSH_EVERY, rx.recv()).await {
+            Ok(Some(message)) => message,
+            Ok(None) => break,
+            Err(_) => {
+                if dirty && flush_head(store.as_ref(), &head).await {
+                    dirty = false;
+                    flushed_at = std::time::Instant::now();
+                }
+                continue;
+            }
+        };
         let mut next = Some(first);
         while let Some(message) = next.take() {
             match message {
@@ -290,8 +323,11 @@ async fn write_loop(store: Arc<dyn Store>, mut head: Link, mut rx: mpsc::Receive
                 next = rx.try_recv().ok();
             }
         }
+        let durable = !flushes.is_empty()
+            || batch.iter().any(|s| s.durable)
+            || flushed_at.elapsed() >= FLUSH_EVERY;
         if !batch.is_empty() {
-            match commit(store.as_ref(), &head, &batch).await {
+            match commit(store.as_ref(), &head, &batch, durable).await {
                 Some(link) => head = link,
                 None => return,
             }
@@ -301,15 +337,44 @@ async fn write_loop(store: Arc<dyn Store>, mut head: Link, mut rx: mpsc::Receive
                     let _ = done.send(());
                 }
             }
+            dirty = !durable;
+        } else if durable && dirty && flush_head(store.as_ref(), &head).await {
+            dirty = false;
+        }
+        if durable && !dirty {
+            flushed_at = std::time::Instant::now();
         }
         for done in flushes.drain(..) {
             let _ = done.send(());
         }
     }
+    if dirty {
+        flush_head(store.as_ref(), &head).await;
+    }
+}
+
+/// Writes the head again in a durable commit, which takes every earlier commit to disk.
+async fn flush_head(store: &dyn Store, head: &Link) -> bool {
+    let value = serde_json::to_vec(head).unwrap_or_default();
+    match store
+        .append_with(STREAM, Vec::new(), vec![KvOp::put(META, HEAD, value)], true)
+        .await
+    {
+        Ok(_) => true,
+        Err(e) => {
+            tracing::error!(error = %e, "flushing the audit log failed");
+            false
+        }
+    }
 }
 
 /// Chains `batch` after `head` and commits it with the new head; `None` when the store closed.
-async fn commit(store: &dyn Store, head: &Link, batch: &[Submission]) -> Option<Link> {
+async fn commit(
+    store: &dyn Store,
+    head: &Link,
+    batch: &[Submission],
+    durable: bool,
+) -> Option<Link> {
     let mut link = head.clone();
     let mut payloads = Vec::with_capacity(batch.len());
     for submission in batch {
@@ -336,6 +401,7 @@ async fn commit(store: &dyn Store, head: &Link, batch: &[Submission]) -> Option<
                 STREAM,
                 payloads.clone(),
                 vec![KvOp::put(META, HEAD, head_value.clone())],
+                durable,
             )
             .await
         {
@@ -634,7 +700,9 @@ mod tests {
         refused.detail = Some("refused: unknown API key".into());
         let mut start = Entry::now("fhirgate", "system", "start");
         start.detail = Some("configuration sha256 00 (first start)".into());
-        for (seq, entry) in [read, refused, start].into_iter().enumerate() {
+        let mut intent = entry_at("2026-01-01T00:00:00Z", "update");
+        intent.outcome = 0;
+        for (seq, entry) in [read, refused, start, intent].into_iter().enumerate() {
             let record = Record {
                 seq: seq as u64 + 1,
                 entry,

@@ -694,18 +694,14 @@ pub async fn guard(State(auth): State<Arc<AuthApi>>, request: Request, next: Nex
         return response;
     }
     let mut entry = describe(&request, &need, &auth.sources);
-    let writes = !matches!(*request.method(), Method::GET | Method::HEAD);
     let response = admit(&auth, need, request, next, &mut entry).await;
     entry.outcome = response.status().as_u16();
     add_note(&mut entry, &response);
     if entry.action == "create" && entry.resource_id.is_none() {
         entry.resource_id = created_id(&response);
     }
-    if writes && response.status().is_success() {
-        auth.audit.record_durably(entry).await;
-    } else {
-        auth.audit.record(entry).await;
-    }
+    // A change was recorded before it ran (see `admit`); its result follows without waiting.
+    auth.audit.record(entry).await;
     response
 }
 
@@ -816,7 +812,18 @@ async fn admit(
     }
     request.extensions_mut().insert(principal);
     match narrowing {
-        None => next.run(request).await,
+        None => {
+            // What changes data is recorded before it runs, in a commit the change's own
+            // commit takes to disk: no change is ever stored without its record.
+            let changes = !matches!(*request.method(), Method::GET | Method::HEAD)
+                && entry.action != "search-type";
+            if changes {
+                let mut intent = entry.clone();
+                intent.outcome = 0;
+                auth.audit.record_before(intent).await;
+            }
+            next.run(request).await
+        }
         Some(Narrowing::Filter(name, value)) => {
             let beyond = Refusal::forbidden(
                 "_include, _revinclude, _has and _contained are not available to a patient-context token",

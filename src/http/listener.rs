@@ -4,6 +4,7 @@
 //! `accept` waits, so excess clients queue in the kernel's backlog instead of exhausting memory
 //! or file descriptors.
 
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -86,7 +87,7 @@ impl Drop for CappedStream {
 }
 
 /// The HTTP/2 connection preface.
-const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+pub const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 impl CappedStream {
     /// Waits until the client has sent enough to tell HTTP/1 from HTTP/2, without consuming
@@ -109,6 +110,70 @@ impl CappedStream {
         })
         .await;
         matches!(waited, Ok(Some(())))
+    }
+}
+
+/// A connection whose client must send its first `needed` bytes before a deadline (an HTTP/2
+/// client its connection preface); after that, reads pass straight through.
+pub struct FirstBytesDeadline<I> {
+    inner: I,
+    needed: usize,
+    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<I> FirstBytesDeadline<I> {
+    pub fn new(inner: I, needed: usize, within: std::time::Duration) -> Self {
+        Self {
+            inner,
+            needed,
+            deadline: Some(Box::pin(tokio::time::sleep(within))),
+        }
+    }
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for FirstBytesDeadline<I> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if let Some(deadline) = this.deadline.as_mut() {
+            if deadline.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "the client did not start in time",
+                )));
+            }
+        }
+        let before = buf.filled().len();
+        let result = Pin::new(&mut this.inner).poll_read(cx, buf);
+        if this.deadline.is_some() {
+            let read = buf.filled().len() - before;
+            this.needed = this.needed.saturating_sub(read);
+            if this.needed == 0 {
+                this.deadline = None;
+            }
+        }
+        result
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for FirstBytesDeadline<I> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, data)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
     }
 }
 

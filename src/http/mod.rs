@@ -319,12 +319,17 @@ where
                     let peer = Peer { addr, client_cert };
                     // The protocol was agreed in the handshake (ALPN): no sniffing, so the
                     // header timeout of HTTP/1 (or the pings of HTTP/2) apply from the start.
-                    let builder = if stream.get_ref().1.alpn_protocol() == Some(b"h2") {
-                        builder.http2_only()
+                    if stream.get_ref().1.alpn_protocol() == Some(b"h2") {
+                        // HTTP/2 reads its preface without a time limit of its own.
+                        let stream = listener::FirstBytesDeadline::new(
+                            stream,
+                            listener::H2_PREFACE.len(),
+                            handshake_timeout,
+                        );
+                        serve_connection(builder.http2_only(), watcher, stream, peer, app).await
                     } else {
-                        builder.http1_only()
-                    };
-                    serve_connection(builder, watcher, stream, peer, app).await
+                        serve_connection(builder.http1_only(), watcher, stream, peer, app).await
+                    }
                 }
                 Ok(Err(e)) => {
                     metrics::counter!("fhirgate_tls_handshake_failures_total").increment(1);

@@ -79,6 +79,8 @@ struct WriteJob {
     appends: Vec<(String, Vec<u8>)>,
     /// Key-value changes, for kv jobs.
     kv: Vec<KvOp>,
+    /// Whether the commit must reach the disk before the job is answered.
+    durable: bool,
     /// A job still queued at this instant is answered [`StoreError::Expired`] and not applied,
     /// so a caller that gave up never has its write land behind its back.
     deadline: Instant,
@@ -194,6 +196,21 @@ impl EmbeddedStore {
         appends: Vec<(String, Vec<u8>)>,
         kv: Vec<KvOp>,
     ) -> Result<JobResult, StoreError> {
+        self.submit_with(op, mutations, atomic, appends, kv, true)
+            .await
+    }
+
+    /// Like [`EmbeddedStore::submit`]; a job that is not `durable` shares a commit without
+    /// flushing it to disk, unless a durable job is in the same group.
+    async fn submit_with(
+        &self,
+        op: &'static str,
+        mutations: Vec<Mutation>,
+        atomic: bool,
+        appends: Vec<(String, Vec<u8>)>,
+        kv: Vec<KvOp>,
+        durable: bool,
+    ) -> Result<JobResult, StoreError> {
         self.ensure_open()?;
         let started = Instant::now();
         let (reply, answer) = oneshot::channel();
@@ -203,6 +220,7 @@ impl EmbeddedStore {
                 atomic,
                 appends,
                 kv,
+                durable,
                 deadline: started + self.write_timeout,
                 reply,
             }))
@@ -420,6 +438,7 @@ impl Store for EmbeddedStore {
         stream: &str,
         payloads: Vec<Vec<u8>>,
         kv: Vec<KvOp>,
+        durable: bool,
     ) -> Result<Vec<u64>, StoreError> {
         if payloads.is_empty() {
             self.kv_apply(kv).await?;
@@ -429,7 +448,10 @@ impl Store for EmbeddedStore {
             .into_iter()
             .map(|p| (stream.to_owned(), p))
             .collect();
-        match self.submit("append", Vec::new(), true, appends, kv).await? {
+        match self
+            .submit_with("append", Vec::new(), true, appends, kv, durable)
+            .await?
+        {
             JobResult::Appended(seqs) => Ok(seqs),
             _ => Err(StoreError::Corrupt("unexpected writer answer".into())),
         }
@@ -884,9 +906,14 @@ impl Writer {
         }
     }
 
-    /// Runs every job in one write transaction and commits it durably.
+    /// Runs every job in one write transaction and commits it, durably unless no job needs
+    /// that.
     fn commit_group(&self, jobs: &mut [WriteJob]) -> Result<Vec<JobResult>, StoreError> {
-        let txn = self.db.begin_write().map_err(backend)?;
+        let mut txn = self.db.begin_write().map_err(backend)?;
+        if !jobs.iter().any(|job| job.durable) {
+            txn.set_durability(redb::Durability::None)
+                .map_err(backend)?;
+        }
         let results = {
             let mut counters_table = txn.open_table(COUNTERS).map_err(backend)?;
             let mut counters = Counters {

@@ -170,13 +170,15 @@ pub trait Store: Send + Sync + 'static {
     /// sequence number in the stream.
     async fn append(&self, stream: &str, payload: Vec<u8>) -> Result<u64, StoreError>;
 
-    /// Appends `payloads` to `stream` in order and applies `kv` in the same durable commit;
-    /// returns the payloads' sequence numbers.
+    /// Appends `payloads` to `stream` in order and applies `kv` in the same commit; returns
+    /// the payloads' sequence numbers. With `durable` false the commit is visible at once but
+    /// reaches the disk with the next durable commit (of any writer), which saves a flush.
     async fn append_with(
         &self,
         stream: &str,
         payloads: Vec<Vec<u8>>,
         kv: Vec<KvOp>,
+        durable: bool,
     ) -> Result<Vec<u64>, StoreError>;
 
     /// Removes the records of `stream` up to and including sequence `through`; returns how

@@ -732,8 +732,9 @@ mod tests {
             stream: &str,
             payloads: Vec<Vec<u8>>,
             kv: Vec<KvOp>,
+            durable: bool,
         ) -> Result<Vec<u64>, StoreError> {
-            self.inner.append_with(stream, payloads, kv).await
+            self.inner.append_with(stream, payloads, kv, durable).await
         }
         async fn trim_records(&self, stream: &str, through: u64) -> Result<u64, StoreError> {
             self.inner.trim_records(stream, through).await

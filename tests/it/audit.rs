@@ -159,6 +159,28 @@ async fn every_access_is_recorded_and_shown_to_admins_as_audit_events() {
     assert_eq!(update["agent"][0]["network"]["address"], "127.0.0.1");
     assert_eq!(update["entity"][1]["type"]["code"], "XrequestId");
     assert_eq!(update["entity"][0]["type"]["code"], "1");
+    // Recorded before it ran too, with the same request id and no outcome yet.
+    let request_id = &update["entity"][1]["what"]["identifier"]["value"];
+    let intent = events
+        .iter()
+        .find(|e| {
+            e["subtype"][0]["code"] == "update"
+                && e.get("outcome").is_none()
+                && &e["entity"][1]["what"]["identifier"]["value"] == request_id
+        })
+        .expect("the update's record from before it ran");
+    assert!(
+        intent["id"]
+            .as_str()
+            .expect("id")
+            .parse::<u64>()
+            .expect("seq")
+            < update["id"]
+                .as_str()
+                .expect("id")
+                .parse::<u64>()
+                .expect("seq")
+    );
     let read = find("read", Some("Patient/p-audit"), "0");
     assert_eq!(read["action"], "R");
     let search = events
@@ -350,7 +372,8 @@ async fn audit_verify_finds_edited_removed_reordered_and_cut_records() {
     let data = app.stop().await;
     let (code, printed) = verify_cli(data.path());
     assert_eq!(code, 0, "{printed}");
-    assert!(printed.contains("intact: 13 records"), "{printed}");
+    // The start, each PUT twice (before it ran, and its result) and each GET.
+    assert!(printed.contains("intact: 19 records"), "{printed}");
 
     // An edited outcome.
     let edited = tampered_copy(data.path(), |table| {
@@ -426,7 +449,7 @@ async fn audit_verify_finds_edited_removed_reordered_and_cut_records() {
     )
     .await;
     assert_eq!(status, 200, "{verified}");
-    assert_eq!(verified["records"], 15, "{verified}");
+    assert_eq!(verified["records"], 21, "{verified}");
     let events = all_events(&app, "subtype=110120").await;
     assert_eq!(events.len(), 2);
     assert!(events[1]["outcomeDesc"]

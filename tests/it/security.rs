@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use fhirgate::config::{ConfiguredApiKey, TlsConfig};
 use reqwest::StatusCode;
+use rustls::pki_types::pem::PemObject;
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -515,4 +516,40 @@ async fn stored_data_is_encrypted_and_key_rotation_keeps_it_readable() {
     let refused = fhirgate::App::build(&config, "http://127.0.0.1:1").await;
     let message = format!("{:#}", refused.err().expect("refused"));
     assert!(message.contains("must be encrypted"), "{message}");
+}
+
+#[tokio::test]
+async fn a_silent_http2_client_over_tls_is_closed() {
+    let certs = tempfile::tempdir().expect("dir");
+    fhirgate::http::tls::generate_dev(certs.path(), &["127.0.0.1".into()]).expect("certs");
+    let app = TestApp::start_with(|config| {
+        config.server.tls = Some(tls_config(certs.path(), false, false));
+        config.server.header_read_timeout_secs = 1;
+    })
+    .await;
+    let mut roots = rustls::RootCertStore::empty();
+    let ca = std::fs::read(certs.path().join("ca.pem")).expect("ca");
+    for cert in rustls::pki_types::CertificateDer::pem_slice_iter(&ca) {
+        roots.add(cert.expect("cert")).expect("root");
+    }
+    let mut client = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("versions")
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    client.alpn_protocols = vec![b"h2".to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(client));
+    let address = app.base.trim_start_matches("http://").to_owned();
+    let tcp = tokio::net::TcpStream::connect(&address)
+        .await
+        .expect("connect");
+    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").expect("name");
+    let mut tls = connector.connect(name, tcp).await.expect("handshake");
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(b"h2".as_slice()));
+    // Says nothing after the handshake: the server hangs up.
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(30), tls.read_to_end(&mut rest)).await;
+    assert!(closed.is_ok(), "a silent HTTP/2 client was left connected");
 }
