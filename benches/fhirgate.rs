@@ -457,8 +457,57 @@ fn audit(c: &mut Criterion) {
     group.finish();
 }
 
+/// PAS `Claim/$submit` in-process with the IG's referral request (25 KB): schema check, PAS
+/// rules, the determination, the record and the ClaimResponse Bundle. Each call carries a new
+/// Claim identifier, so none is answered from an earlier submission.
+fn pas_submit(c: &mut Criterion) {
+    use tower::ServiceExt;
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut config = bench_config(dir.path());
+    config.pa.policies_dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("policies");
+    config.cds.hooks_dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("hooks");
+    let app = runtime
+        .block_on(async { fhirgate::App::build(&config, "http://bench").await })
+        .expect("app");
+    let example = std::fs::read_to_string(
+        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/davinci/pas-ig/Bundle-ReferralAuthorizationBundleExample.json"),
+    )
+    .expect("example");
+    let template = example.replacen("\"value\":\"111099\"", "\"value\":\"ID-PLACEHOLDER\"", 1);
+    assert_ne!(template, example, "the example's Claim identifier moved");
+    let mut group = c.benchmark_group("pas");
+    group.throughput(Throughput::Bytes(example.len() as u64));
+    let mut n = 0u64;
+    group.bench_function("submit_referral", |b| {
+        b.to_async(&runtime).iter_batched(
+            || {
+                n += 1;
+                (
+                    template.replace("ID-PLACEHOLDER", &format!("bench-{n}")),
+                    app.router.clone(),
+                )
+            },
+            |(body, router)| async move {
+                let request = http::Request::post("/fhir/Claim/$submit")
+                    .header("content-type", "application/fhir+json")
+                    .header("authorization", format!("Bearer {BENCH_KEY}"))
+                    .body(axum::body::Body::from(body))
+                    .expect("request");
+                let response = router.oneshot(request).await.expect("call");
+                assert!(response.status().is_success(), "{}", response.status());
+                let _ = axum::body::to_bytes(response.into_body(), usize::MAX).await;
+            },
+            criterion::BatchSize::SmallInput,
+        )
+    });
+    group.finish();
+}
+
 criterion_group!(
     benches,
+    pas_submit,
     validation,
     store,
     audit,
