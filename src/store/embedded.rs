@@ -611,8 +611,8 @@ impl Drop for EmbeddedStore {
     }
 }
 
-/// Whether `stream`'s records are sealed: all but the audit log's, which holds no PHI and is
-/// checked by `fhirgate audit verify` without keys.
+/// Whether `stream`'s records are sealed: all but the audit log's, which holds no resource
+/// content or search values and whose chain is protected by its sealed head.
 fn sealed_stream(stream: &str) -> bool {
     stream != crate::audit::STREAM
 }
