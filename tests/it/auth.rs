@@ -819,3 +819,25 @@ async fn turning_authentication_off_is_explicit() {
     assert_eq!(status, StatusCode::OK);
     assert!(!app.data_dir.path().join("admin-api-key").exists());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_subject_cannot_pass_for_an_api_key_in_the_audit_log() {
+    let app = start_with_idp(|_| {}).await;
+    let token = idp_token(&app, |claims| claims["sub"] = json!("api-key:test-admin"));
+    let answer = client_with(&token)
+        .get(app.fhir("/Patient"))
+        .send()
+        .await
+        .expect("search");
+    assert_eq!(answer.status(), StatusCode::OK);
+    let (status, bundle) = json(app.get("/AuditEvent?subtype=search-type").await).await;
+    assert_eq!(status, StatusCode::OK, "{bundle}");
+    let callers: Vec<&str> = bundle["entry"]
+        .as_array()
+        .expect("entries")
+        .iter()
+        .filter_map(|e| e["resource"]["agent"][0]["who"]["display"].as_str())
+        .collect();
+    assert!(callers.contains(&"jwt:api-key:test-admin"), "{callers:?}");
+    assert!(!callers.contains(&"api-key:test-admin"), "{callers:?}");
+}
