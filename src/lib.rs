@@ -42,6 +42,17 @@ use crate::fhir::{SchemaValidator, SearchRegistry};
 use crate::server::FhirApi;
 use crate::store::{EmbeddedStore, Store};
 
+/// Lowercase hex of `bytes` (digests, fingerprints, keys).
+pub fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    bytes
+        .iter()
+        .fold(String::with_capacity(bytes.len() * 2), |mut out, b| {
+            let _ = write!(out, "{b:02x}");
+            out
+        })
+}
+
 /// The assembled application: the HTTP router with its middleware, the store it serves, and
 /// the sync engine working in the background.
 pub struct App {

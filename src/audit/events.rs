@@ -321,6 +321,8 @@ async fn search(
     RawQuery(raw): RawQuery,
 ) -> Result<Response, FhirError> {
     let query = Query::parse(raw.as_deref())?;
+    // Everything recorded before this request is committed before it is read.
+    api.log.flush().await;
     let store = api.log.store();
     let mut found = Vec::new();
     let mut after = query.after;
@@ -394,6 +396,7 @@ async fn read(
 ) -> Result<Response, FhirError> {
     let missing = || FhirError::not_found(format!("no AuditEvent {id}"));
     let seq: u64 = id.parse().map_err(|_| missing())?;
+    api.log.flush().await;
     let store = api.log.store();
     // Records sit at the position of their sequence number unless the log was rebuilt; the
     // scan is the fallback.

@@ -71,6 +71,14 @@ pub struct Entry {
 }
 
 impl Entry {
+    /// Adds `more` to the detail, after what is there.
+    pub fn add_detail(&mut self, more: &str) {
+        self.detail = Some(match self.detail.take() {
+            Some(detail) => format!("{detail}; {more}"),
+            None => more.to_owned(),
+        });
+    }
+
     /// An entry stamped now.
     pub fn now(who: &str, via: &str, action: &str) -> Self {
         Self {
@@ -101,12 +109,8 @@ impl Record {
         let mut unhashed = self.clone();
         unhashed.hash = String::new();
         let bytes = serde_json::to_vec(&unhashed).unwrap_or_default();
-        hex(&Sha256::digest(&bytes))
+        crate::hex(&Sha256::digest(&bytes))
     }
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// A position in the chain: a sequence number and the hash of the record there.
@@ -243,7 +247,7 @@ impl AuditLog {
     /// changed since the last start.
     pub async fn record_start(&self, config: &crate::config::Config) {
         const CONFIG: &str = "config";
-        let digest = hex(&Sha256::digest(format!("{config:?}").as_bytes()));
+        let digest = crate::hex(&Sha256::digest(format!("{config:?}").as_bytes()));
         let previous = self
             .store
             .kv_get(META, vec![CONFIG.to_owned()])

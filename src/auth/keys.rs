@@ -63,10 +63,7 @@ pub fn new_key() -> String {
 
 /// The hex SHA-256 of `key`, as configuration files give it.
 pub fn hash(key: &str) -> String {
-    Sha256::digest(key.as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    crate::hex(&Sha256::digest(key.as_bytes()))
 }
 
 /// The signing secret of fhirgate's own tokens, made on first start.

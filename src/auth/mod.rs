@@ -364,7 +364,7 @@ impl RateLimits {
         match blocked.get(key) {
             Some(until) if *until > now => {
                 let wait = *until - now;
-                Some(wait.as_secs() + u64::from(wait.subsec_nanos() > 0))
+                Some(whole_seconds(wait))
             }
             Some(_) => {
                 blocked.remove(key);
@@ -396,14 +396,19 @@ impl RateLimits {
             .check_key(&key.to_owned())
             .map_err(|not_until| {
                 let wait = not_until.wait_time_from(DefaultClock::default().now());
-                wait.as_secs() + u64::from(wait.subsec_nanos() > 0)
+                whole_seconds(wait)
             })
     }
 }
 
+/// `wait` rounded up to whole seconds, as `Retry-After` gives it.
+fn whole_seconds(wait: std::time::Duration) -> u64 {
+    wait.as_secs() + u64::from(wait.subsec_nanos() > 0)
+}
+
 /// 429 with `Retry-After`.
 fn too_many(entry: &mut Entry, wait_secs: u64) -> Response {
-    entry.detail = Some("refused: over the rate limit".into());
+    entry.add_detail("refused: over the rate limit");
     let mut response = FhirError::new(
         StatusCode::TOO_MANY_REQUESTS,
         Issue::error(
@@ -708,19 +713,13 @@ pub async fn guard(State(auth): State<Arc<AuthApi>>, request: Request, next: Nex
 /// Adds what the handler said for the audit log (an [`AuditNote`]) to the entry's detail.
 fn add_note(entry: &mut Entry, response: &Response) {
     if let Some(AuditNote(note)) = response.extensions().get::<AuditNote>() {
-        entry.detail = Some(match entry.detail.take() {
-            Some(detail) => format!("{detail}; {note}"),
-            None => note.clone(),
-        });
+        entry.add_detail(note);
     }
 }
 
 /// Sets why a request was refused on its audit entry, and answers the refusal.
 fn refuse(entry: &mut Entry, refusal: Refusal) -> Response {
-    entry.detail = Some(match entry.detail.take() {
-        Some(detail) => format!("{detail}; refused: {}", refusal.reason),
-        None => format!("refused: {}", refusal.reason),
-    });
+    entry.add_detail(&format!("refused: {}", refusal.reason));
     refusal.into_response()
 }
 
@@ -805,10 +804,7 @@ async fn admit(
     };
     let patient = principal.patient.clone().unwrap_or_default();
     if let Some(patient) = &principal.patient {
-        entry.detail = Some(match entry.detail.take() {
-            Some(detail) => format!("{detail}; patient context Patient/{patient}"),
-            None => format!("patient context Patient/{patient}"),
-        });
+        entry.add_detail(&format!("patient context Patient/{patient}"));
     }
     request.extensions_mut().insert(principal);
     match narrowing {

@@ -17,10 +17,7 @@ use crate::config::TlsConfig;
 
 /// The hex SHA-256 of a DER certificate: how `auth.mtls_clients` names a client.
 pub fn fingerprint(der: &[u8]) -> String {
-    Sha256::digest(der)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    crate::hex(&Sha256::digest(der))
 }
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {

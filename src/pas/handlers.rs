@@ -126,7 +126,7 @@ fn submitter(request: &PasRequest<'_>) -> String {
 fn claim_hash(claim: &Value) -> String {
     use sha2::Digest;
     let digest = sha2::Sha256::digest(serde_json::to_vec(claim).unwrap_or_default());
-    digest[..12].iter().map(|b| format!("{b:02x}")).collect()
+    crate::hex(&digest[..12])
 }
 
 /// Saves `record` with index entries for `keys`, durably.

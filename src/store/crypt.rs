@@ -87,8 +87,8 @@ impl Cipher {
                 if !path.exists() {
                     std::fs::create_dir_all(data_dir)?;
                     let fresh: [u8; 32] = crate::auth::keys::random_bytes();
-                    let hex: String = fresh.iter().map(|b| format!("{b:02x}")).collect();
-                    crate::auth::keys::write_private(&path, &format!("{hex}\n"))?;
+                    let text = format!("{}\n", crate::hex(&fresh));
+                    crate::auth::keys::write_private(&path, &text)?;
                     tracing::warn!(
                         file = %path.display(),
                         "no store.encryption key was configured: one was made beside the data; move it elsewhere (store.encryption.keys) so a copy of the data alone cannot be read"

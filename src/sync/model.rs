@@ -318,8 +318,7 @@ pub fn version_of(resource: &Value) -> String {
     }
     use sha2::Digest;
     let digest = sha2::Sha256::digest(serde_json::to_vec(resource).unwrap_or_default());
-    let hex: String = digest[..12].iter().map(|b| format!("{b:02x}")).collect();
-    format!("sha256:{hex}")
+    format!("sha256:{}", crate::hex(&digest[..12]))
 }
 
 #[cfg(test)]

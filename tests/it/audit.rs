@@ -32,6 +32,18 @@ async fn all_events(app: &TestApp, query: &str) -> Vec<Value> {
     }
 }
 
+/// `GET /audit/verify` as the admin.
+async fn verify(app: &TestApp) -> (StatusCode, Value) {
+    json(
+        app.client
+            .get(app.url("/audit/verify"))
+            .send()
+            .await
+            .expect("verify"),
+    )
+    .await
+}
+
 fn entity_reference(event: &Value) -> Option<&str> {
     event["entity"][0]["what"]["reference"].as_str()
 }
@@ -288,14 +300,7 @@ async fn every_access_is_recorded_and_shown_to_admins_as_audit_events() {
     assert_eq!(logins[0]["type"]["code"], "110114");
     assert_eq!(logins[0]["outcome"], "4");
 
-    let (status, verified) = json(
-        app.client
-            .get(app.url("/audit/verify"))
-            .send()
-            .await
-            .expect("verify"),
-    )
-    .await;
+    let (status, verified) = verify(&app).await;
     assert_eq!(status, 200, "{verified}");
     assert_eq!(verified["intact"], true);
 }
@@ -440,14 +445,7 @@ async fn audit_verify_finds_edited_removed_reordered_and_cut_records() {
     // The untouched store is still intact, and a restarted server continues the chain.
     let app = TestApp::start_in(data, |_| {}).await;
     assert_eq!(app.get("/Patient/p-0").await.status(), 200);
-    let (status, verified) = json(
-        app.client
-            .get(app.url("/audit/verify"))
-            .send()
-            .await
-            .expect("verify"),
-    )
-    .await;
+    let (status, verified) = verify(&app).await;
     assert_eq!(status, 200, "{verified}");
     assert_eq!(verified["records"], 21, "{verified}");
     let events = all_events(&app, "subtype=110120").await;
