@@ -18,12 +18,14 @@ pub mod audit;
 pub mod auth;
 pub mod cds;
 pub mod config;
+pub mod extract;
 pub mod fhir;
 pub mod fuzzing;
 pub mod http;
 pub mod pa;
 pub mod packet;
 pub mod pas;
+pub mod pipeline;
 pub mod remote;
 pub mod server;
 pub mod store;
@@ -62,6 +64,7 @@ pub struct App {
     pub sync: Arc<sync::SyncEngine>,
     pub sync_api: Arc<sync::api::SyncApi>,
     pub audit: Arc<audit::AuditLog>,
+    pub pipeline: Arc<pipeline::Pipeline>,
 }
 
 impl App {
@@ -96,6 +99,7 @@ impl App {
         pas::subscription::prepare(&store, &mut remotes)
             .await
             .context("loading PAS subscriptions")?;
+        pipeline::submit::prepare(&store, &mut remotes);
         let engine = sync::SyncEngine::start(store.clone(), &remotes, config.sync.clone())
             .await
             .context("starting the sync engine")?;
@@ -123,6 +127,32 @@ impl App {
         pas::subscription::resume(&pas)
             .await
             .context("resuming PAS subscription handshakes")?;
+        let extractor = extract::Extractor {
+            llm: if config.extract.llm.enabled {
+                let client =
+                    extract::llm::OpenAiClient::new(&config.extract.llm, remotes.outbound.client())
+                        .context("setting up the note extractor's model")?;
+                tracing::info!(model = %config.extract.llm.model, "notes are read by the model, with the rules as fallback");
+                Some(Arc::new(client) as Arc<dyn extract::llm::LlmClient>)
+            } else {
+                None
+            },
+        };
+        let pipeline = pipeline::Pipeline::new(
+            store.clone(),
+            policies.clone(),
+            extractor,
+            engine.clone(),
+            &remotes,
+            config,
+            public_base,
+        )
+        .await
+        .context("setting up the encounter pipeline")?;
+        pipeline
+            .start()
+            .await
+            .context("starting the encounter pipeline")?;
         let audit = audit::AuditLog::start(store.clone(), config.audit.retention_days)
             .await
             .context("opening the audit log")?;
@@ -186,6 +216,7 @@ impl App {
                 webhooks::Webhooks::new(&config.webhooks, sync_api.clone(), store.clone())
                     .context("setting up webhooks")?,
             )))
+            .merge(pipeline::app::router(pipeline.clone()))
             .merge(audit::events::router(Arc::new(audit::events::AuditApi {
                 log: audit.clone(),
                 fhir_base: format!("{}/fhir", public_base.trim_end_matches('/')),
@@ -207,6 +238,7 @@ impl App {
             sync: engine,
             sync_api,
             audit,
+            pipeline,
         })
     }
 }
@@ -262,6 +294,7 @@ where
         },
     )
     .await;
+    app.pipeline.shutdown();
     app.sync
         .shutdown(Duration::from_secs(config.server.shutdown_grace_secs))
         .await;

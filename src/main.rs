@@ -48,6 +48,24 @@ enum Command {
     /// TLS certificates.
     #[command(subcommand)]
     Certs(CertsCommand),
+    /// Facts from clinical notes.
+    #[command(subcommand)]
+    Extract(ExtractCommand),
+}
+
+#[derive(Subcommand)]
+enum ExtractCommand {
+    /// Score the rules extractor on a labelled note set: precision, recall and F1 per kind of
+    /// fact, then every mistake. Exits with 1 when overall F1 is below --min-f1.
+    Eval {
+        #[arg(default_value = "tests/fixtures/notes")]
+        dir: PathBuf,
+        #[arg(long, default_value_t = 0.0)]
+        min_f1: f64,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -184,6 +202,24 @@ fn main() -> anyhow::Result<()> {
                 scopes = scopes
             })?;
             println!("API key (shown once; give it to the service as `Authorization: Bearer <key>`):\n{key}\n\nAdd to the configuration file:\n{entry}");
+            Ok(())
+        }
+        Command::Extract(ExtractCommand::Eval { dir, min_f1, json }) => {
+            use fhirgate::extract::{eval, rules};
+            let set = eval::load(&dir)?;
+            let found: Vec<_> = set.iter().map(|n| rules::extract(&n.note)).collect();
+            let report = eval::score(&set, &found);
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                println!("{}", report.render());
+                for mistake in &report.mistakes {
+                    println!("- {mistake}");
+                }
+            }
+            if report.overall.f1() < min_f1 {
+                std::process::exit(1);
+            }
             Ok(())
         }
         Command::Certs(CertsCommand::Dev { dir, hosts }) => {

@@ -173,6 +173,14 @@ fn classify(method: &Method, path: &str, sources: &BTreeSet<String>, open_metric
     if path.starts_with("/webhooks/") {
         return Need::Public;
     }
+    // The review page signs in through a SMART launch and works with its own session
+    // (`pipeline::app`); its assets are public.
+    if path == "/app" || path.starts_with("/app/") {
+        return Need::Public;
+    }
+    if path == "/events" {
+        return Need::Role(&[CLINICIAN, STAFF, REVIEWER, ADMIN]);
+    }
     if path == "/auth/api-keys" || path.starts_with("/auth/api-keys/") {
         return Need::Role(&[ADMIN]);
     }
@@ -650,12 +658,18 @@ const MAX_SEARCH_FORM: usize = 1 << 20;
 /// The middleware: authenticate, authorize, narrow, pass the caller on to the handler, and
 /// record what happened in the audit log (writes before they are answered).
 pub async fn guard(State(auth): State<Arc<AuthApi>>, request: Request, next: Next) -> Response {
-    let need = classify(
+    let mut need = classify(
         request.method(),
         request.uri().path(),
         &auth.sources,
         auth.open_metrics,
     );
+    // A review page listens with its session cookie, which the handler checks.
+    if request.uri().path() == "/events"
+        && crate::pipeline::app::has_session_cookie(request.headers())
+    {
+        need = Need::Public;
+    }
     if need == Need::Public {
         // CDS clients prove themselves inside the service (`cds::auth`), webhook senders
         // with their signature (`webhooks`); their calls are recorded here all the same, as
@@ -671,6 +685,26 @@ pub async fn guard(State(auth): State<Arc<AuthApi>>, request: Request, next: Nex
             let mut entry = audit_entry(&request, "login", None, None, Some(path));
             entry.who = "token-client".into();
             entry.via = "client-assertion".into();
+            entry
+        } else if path.starts_with("/app/api/")
+            || path == "/app/launch"
+            || path == "/app/callback"
+            || path == "/app/dev"
+            || path == "/events"
+        {
+            // Review-page calls touch patient data: recorded like any other.
+            let action = if path.starts_with("/app/api/") || path == "/events" {
+                if matches!(*request.method(), Method::GET | Method::HEAD) {
+                    "read"
+                } else {
+                    "update"
+                }
+            } else {
+                "login"
+            };
+            let mut entry = audit_entry(&request, action, None, None, Some(path));
+            entry.who = "review-session".into();
+            entry.via = "session-cookie".into();
             entry
         } else if let Some(source) = path.strip_prefix("/webhooks/") {
             let mut entry = audit_entry(&request, "webhook", None, None, Some(path));

@@ -12,6 +12,11 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+mod pipeline;
+pub use pipeline::{
+    ExtractConfig, LlmConfig, LlmProvider, PipelineConfig, ReviewAppConfig, TenantConfig,
+};
+
 /// Errors while loading configuration; reported once at startup.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -76,6 +81,8 @@ pub struct Config {
     /// Signed change notifications, by source name (`POST /webhooks/{source}`).
     pub webhooks: BTreeMap<String, WebhookConfig>,
     pub outbound: OutboundConfig,
+    pub extract: ExtractConfig,
+    pub pipeline: PipelineConfig,
 }
 
 /// Outbound connections (see `remote::outbound`).
@@ -815,6 +822,12 @@ impl Config {
                 "sync__queue_limit" => self.sync.queue_limit = parse(&value).map_err(bad)?,
                 "sync__default_source" => self.sync.default_source = Some(value.clone()),
                 "sync__default_destination" => self.sync.default_destination = Some(value.clone()),
+                "extract__llm__enabled" => self.extract.llm.enabled = parse(&value).map_err(bad)?,
+                "extract__llm__base_url" => self.extract.llm.base_url = value.clone(),
+                "extract__llm__model" => self.extract.llm.model = value.clone(),
+                "pipeline__app__dev_login" => {
+                    self.pipeline.app.dev_login = parse(&value).map_err(bad)?
+                }
                 // The config file path itself is read by the CLI, not here.
                 // Read by the command line, not the server: the config file, and the credential
                 // `fhirgate sync --server` presents.

@@ -63,7 +63,7 @@ async fn pdf_bytes(app: &TestApp, location: &str) -> Vec<u8> {
 }
 
 /// The text of a PDF, by poppler's `pdftotext`.
-fn pdf_text(pdf: &[u8]) -> String {
+pub(crate) fn pdf_text(pdf: &[u8]) -> String {
     let dir = tempfile::tempdir().expect("temp dir");
     let path = dir.path().join("packet.pdf");
     std::fs::write(&path, pdf).expect("write");

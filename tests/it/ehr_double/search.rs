@@ -73,6 +73,8 @@ impl Shared {
         let mut ids: Option<HashSet<&str>> = None;
         let mut patients: Option<Vec<String>> = None;
         let mut bounds = Vec::new();
+        let mut dates = Vec::new();
+        let mut statuses: Option<Vec<String>> = None;
         let mut order = Order::Id;
         let mut kept = Vec::new();
         for (name, value) in &request.query {
@@ -99,6 +101,8 @@ impl Shared {
                     .get_or_insert_with(Vec::new)
                     .extend(value.split(',').map(patient_reference)),
                 "_id" => ids = Some(value.split(',').collect()),
+                "status" => statuses = Some(value.split(',').map(str::to_owned).collect()),
+                "date" => dates.push(last_updated_bound(value)?),
                 "ah-practice" | "_format" | "_total" => {}
                 other => {
                     return Err(Failure::new(
@@ -124,6 +128,14 @@ impl Shared {
                     && bounds
                         .iter()
                         .all(|(prefix, at)| holds(prefix, stored.last_updated, *at))
+                    && statuses.as_ref().is_none_or(|statuses| {
+                        stored.resource["status"]
+                            .as_str()
+                            .is_some_and(|s| statuses.iter().any(|w| w == s))
+                    })
+                    && dates.iter().all(|(prefix, at)| {
+                        clinical_date(&stored.resource).is_some_and(|d| holds(prefix, d, *at))
+                    })
             })
             .map(|(_, stored)| stored)
             .collect();
@@ -357,6 +369,16 @@ fn last_updated_bound(value: &str) -> Result<(String, OffsetDateTime), Failure> 
             )
         })?;
     Ok((prefix.to_owned(), at))
+}
+
+/// The instant `date=` compares: a period's end (else start), or the resource's date.
+fn clinical_date(resource: &Value) -> Option<OffsetDateTime> {
+    let text = resource["period"]["end"]
+        .as_str()
+        .or_else(|| resource["period"]["start"].as_str())
+        .or_else(|| resource["effectiveDateTime"].as_str())
+        .or_else(|| resource["date"].as_str())?;
+    last_updated_bound(text).ok().map(|(_, at)| at)
 }
 
 fn holds(prefix: &str, at: OffsetDateTime, bound: OffsetDateTime) -> bool {
