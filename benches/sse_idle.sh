@@ -5,7 +5,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 connections=${1:-10000}
-ulimit -n $((connections * 2 + 1024))
+# Each side holds one descriptor per connection.
+ulimit -n "$(ulimit -Hn)"
+if [ "$(ulimit -n)" != unlimited ] && [ "$(ulimit -n)" -lt $((connections + 512)) ]; then
+  echo "open-file limit $(ulimit -n) is too low for $connections connections" >&2
+  exit 1
+fi
 cargo build --release --quiet
 dir=$(mktemp -d)
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
@@ -25,7 +30,7 @@ base_url = "http://127.0.0.1:9/fhir"
 [pipeline.tenants.clinic]
 write_back = "local"
 TOML
-./target/release/fhirgate serve --config "$dir/fhirgate.toml" &
+./target/release/fhirgate serve --config "$dir/fhirgate.toml" 2>/dev/null &
 pid=$!
 trap 'kill $pid 2>/dev/null; rm -rf "$dir"' EXIT
 for _ in $(seq 1 2000); do

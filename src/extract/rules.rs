@@ -7,230 +7,23 @@
 //! can see the words it came from. The evaluation set in `tests/fixtures/notes/` is the
 //! measure of these rules (`fhirgate extract eval`).
 
-use std::sync::LazyLock;
+mod lexicon;
+
+use std::borrow::Cow;
 
 use regex::Regex;
 
 use super::{unit_days, Note, NoteFact};
+use lexicon::{
+    ADVERSE, CHECKBOX, CONDITIONAL, CUE_LINK, CUE_NEGATION, DATE, DOSE_AFTER, DRUGS, DURATION,
+    FAILABLE, FAILURE, FAMILY, FREQUENCY_BEFORE, HOMEBOUND, HOMEBOUND_NEGATION, INTOLERANCE,
+    LIST_ITEM, LIST_JOIN, LIST_NEGATION, NEGATION, NOT_ADVERSE_REASON, NOT_A_DURATION_AFTER,
+    NOT_A_DURATION_BEFORE, NOT_THERAPY_AFTER, ONSET_AGO, PLANNED, POST_NEGATION, RECEIVED,
+    RED_FLAGS, SCOPE_END, SINCE, STOPPED_FOR, SYMPTOM, THERAPIES, THERAPY_NEGATION,
+};
 
 /// A sentence-like piece of the note: `[start, end)` byte offsets.
 type Span = (usize, usize);
-
-fn re(pattern: &str) -> Regex {
-    Regex::new(pattern).unwrap_or_else(|e| panic!("bad built-in pattern {pattern}: {e}"))
-}
-
-fn lexicon(entries: &[(&'static str, &str)]) -> Vec<(&'static str, Regex)> {
-    entries
-        .iter()
-        .map(|(value, pattern)| (*value, re(pattern)))
-        .collect()
-}
-
-// "for the past week" is one week; "last year" alone is when, not how long.
-const NUMBER: &str = r"\d{1,3}|one|two|three|four|five|six|seven|eight|nine|ten|eleven|twelve|fifteen|twenty|a|an|the\s+(?:past|last|previous)";
-const UNIT: &str = r"days?|weeks?|wks?|months?|mos?|years?|yrs?";
-
-static DURATION: LazyLock<Regex> = LazyLock::new(|| {
-    re(&format!(
-        r"\b(?P<n>{NUMBER})(?:\s*(?:-|to|or)\s*(?P<n2>{NUMBER}))?(?:\s*\+)?[\s-]*(?P<unit>{UNIT})\b"
-    ))
-});
-static SINCE: LazyLock<Regex> = LazyLock::new(|| {
-    re(
-        r"\bsince\s+(?:(?P<m>\d{1,2})/(?P<d>\d{1,2})(?:/(?P<y>\d{2,4}))?|(?P<month>jan|feb|mar|apr|may|jun|jul|aug|sep|sept|oct|nov|dec)[a-z]*\.?\s+(?P<day>\d{1,2})(?:st|nd|rd|th)?(?:,?\s+(?P<year>\d{4}))?)\b",
-    )
-});
-// A year range ("2019-2024") is dated by its end, when the treatment stopped; a month named
-// alone ("in September") is in the note's year. "May" alone is too often the verb.
-static DATE: LazyLock<Regex> = LazyLock::new(|| {
-    re(
-        r"(?i)\b(?:(?:19|20)\d{2}\s*(?:-|to)\s*(?P<range_end>(?:19|20)\d{2})|(?P<iy>(?:19|20)\d{2})-(?P<im>\d{2})(?:-(?P<id>\d{2}))?|(?P<m>\d{1,2})/(?:(?P<d>\d{1,2})/)?(?P<y>(?:19|20)\d{2})|(?P<month>jan|feb|mar|apr|may|jun|jul|aug|sep|sept|oct|nov|dec)[a-z]*\.?\s+(?:(?P<day>\d{1,2}),?\s+)?(?P<year>(?:19|20)\d{2})|(?P<bare_month>january|february|march|april|june|july|august|september|october|november|december)|(?P<year_only>(?:19|20)\d{2}))\b",
-    )
-});
-
-static DOSE_AFTER: LazyLock<Regex> =
-    LazyLock::new(|| re(r"(?i)^\s*(?:mg|mcg|g|ml|units?|u|iu|%)(?:\W|$)"));
-
-/// Therapies that count as conservative care, by the value the policies use.
-static THERAPIES: LazyLock<Vec<(&'static str, Regex)>> = LazyLock::new(|| {
-    lexicon(&[
-        (
-            "physical_therapy",
-            r"(?i:\bphysical therapy\b|\bphysiotherapy\b|\bphysical therapist\b)|\bP\.?T\b",
-        ),
-        (
-            "chiropractic",
-            r"(?i)\bchiropract\w*|\bspinal manipulation\b|\bmanipulative therapy\b",
-        ),
-        (
-            "home_exercise",
-            r"(?i)\bhome exercises?(?: program)?\b|\bHEP\b|\bhome stretching\b|\bhome (?:strengthening|stretching) program\b",
-        ),
-        (
-            "nsaids",
-            r"(?i)\bnsaids?\b|\bibuprofen\b|\bnaproxen\b|\bmeloxicam\b|\bdiclofenac\b|\bcelecoxib\b|\bmotrin\b|\baleve\b|\badvil\b|\bnabumetone\b|\banti-?inflammator(?:y|ies)\b",
-        ),
-        (
-            "bracing",
-            r"(?i)\bbrac(?:e|es|ed|ing)\b|\bknee sleeve\b|\bunloader\b|\blumbar support\b|\bsplint(?:ing)?\b",
-        ),
-        (
-            "activity_modification",
-            r"(?i)\bactivity modifications?\b|\bmodified (?:activity|activities|duty)\b|\bactivity restrictions?\b|\brelative rest\b|\bavoid(?:s|ing|ed)? (?:aggravating|provocative) activit\w*|\bavoid(?:s|ing|ed)? (?:heavy )?(?:lifting|bending|twisting|running|jumping|kneeling|squatting|high-impact|impact|sports)\b|\blimit(?:s|ing|ed)? (?:\w+ )?activit(?:y|ies)\b",
-        ),
-    ])
-});
-
-static PLANNED: LazyLock<Regex> = LazyLock::new(|| {
-    re(
-        r"(?i)\b(?:will|would|plan(?:s|ned)?|planning|refer(?:red|ral|ring)?|recommend(?:ed|s)?|consider(?:ing)?|schedul\w*|order(?:ed|ing)?|prescrib\w*|start(?:ing)?|begin|initiate|candidate|discussed|advised|encouraged|to try|to start|next step|if no|may benefit|should)\b",
-    )
-});
-static RECEIVED: LazyLock<Regex> = LazyLock::new(|| {
-    re(
-        r"(?i)\b(?:takes|uses|wears|does|(?:is|was|been|remains) on|managed|treated with|completed|complete|has (?:done|had|tried|been|completed|used|worn|attended|taken|participated)|had|tried|trialed|underwent|attended|participated|since|previously|prior|failed|despite|continues|continued|ongoing|currently|did|took|wore|used|using|wearing|taking|doing|limiting|avoiding|performing|finished|received|went through|course of|sessions|weeks of|months of|with (?:minimal|partial|no|some|little|temporary)|after)\b",
-    )
-});
-/// "PT handout", "HEP sheet": the therapy names a document or an order, not care received.
-static NOT_THERAPY_AFTER: LazyLock<Regex> = LazyLock::new(|| {
-    re(
-        r"(?i)^\s*(?:handouts?|sheets?|printouts?|instructions|eval(?:uation)?s?|referrals?|consults?|orders?|prescriptions?|scripts?)\b",
-    )
-});
-static CONDITIONAL: LazyLock<Regex> = LazyLock::new(|| re(r"(?i)\b(?:if|unless)\b"));
-static THERAPY_NEGATION: LazyLock<Regex> = LazyLock::new(|| {
-    re(
-        r"(?i)\b(?:no|never|declined|not yet|hasn't|has not|have not|had not|did not|didn't|not|without|denies)\b",
-    )
-});
-
-/// Red flags that justify imaging without conservative care first.
-static RED_FLAGS: LazyLock<Vec<(&'static str, Regex)>> = LazyLock::new(|| {
-    lexicon(&[
-        (
-            "cauda_equina",
-            r"(?i)\bsaddle (?:an(?:a)?esthesia|numbness|paresthesias?|hypoesthesia)\b|\bcauda equina\b|\b(?:bowel|bladder|bowel/bladder|bowel or bladder|bowel and bladder) (?:incontinence|dysfunction|retention|control loss)\b|\burinary (?:retention|incontinence)\b|\b(?:incontinence|loss of control) of (?:bowel|bladder|urine|stool)\b|\bfecal incontinence\b|\bnew(?:-onset)? incontinence\b|\bpost-?void residual\b",
-        ),
-        (
-            "malignancy",
-            r"(?i)\bcancer\b|\b\w*carcinoma\b|\bmelanoma\b|\bglioma\b|\bmesothelioma\b|\bmalignan\w*|\bmetasta\w*|\blymphoma\b|\bmyeloma\b|\bsarcoma\b|\bleuk(?:a)?emia\b|\bneoplasm\b",
-        ),
-        ("fracture", r"(?i)\bfractures?\b|\bfx\b"),
-        (
-            "progressive_neurological_deficit",
-            r"(?i)\bfoot drop\b|\b(?:progressive|progressing|worsening|increasing|new)\s+(?:\w+\s+){0,2}?(?:weakness|numbness|neurologic(?:al)? deficits?|deficits?|paresis|sensory loss)\b|\b(?:weakness|numbness|sensory loss|deficits?) (?:is |has |have |has been |that is )?(?:progressive|progress(?:ed|ing)|worse(?:ned|ning)|getting worse|spread(?:ing)?)\b|\bprogressive neurologic\w*",
-        ),
-        (
-            "infection",
-            r"(?i)\bepidural abscess\b|\bosteomyelitis\b|\bdiscitis\b|\bspinal infection\b|\b(?:iv|intravenous|injection) drug use\b|\bivdu\b|\bfevers?\b",
-        ),
-    ])
-});
-static NEGATION: LazyLock<Regex> = LazyLock::new(|| {
-    re(
-        r"(?i)\b(?:no|not|denies|denied|deny|denying|without|negative for|neg for|free of|absence of|ruled out|rules out|r/o|rule out|never|none|resolved|screening|screen|if)\b",
-    )
-});
-// "Fever/chills: no": a screening line answers for every finding before its colon.
-static POST_NEGATION: LazyLock<Regex> = LazyLock::new(|| {
-    re(
-        r"(?i)^(?:[^:.;\n]{0,20}:)?[\s:,-]*(?:\(?-\)?|none|no\b|denied|denies|negative|neg\b|absent|ruled out|not present|not seen|unlikely|screening\b)",
-    )
-});
-static SCOPE_END: LazyLock<Regex> = LazyLock::new(|| {
-    re(
-        r"(?i)\b(?:but|however|although|though|except|reports|endorses|with new|positive for|notable for)\b",
-    )
-});
-static FAMILY: LazyLock<Regex> = LazyLock::new(|| {
-    re(
-        r"(?i)\b(?:family history|fhx|fh:|mother|father|sister|brother|aunt|uncle|grand(?:mother|father|parent)|sibling|cousin|daughter|son)\b",
-    )
-});
-
-/// Medications whose intolerance or failure the policies ask about.
-static DRUGS: LazyLock<Vec<(&'static str, Regex)>> = LazyLock::new(|| {
-    lexicon(&[
-        ("metformin", r"(?i)\bmetformin\b|\bglucophage\b"),
-        ("methotrexate", r"(?i)\bmethotrexate\b|\bMTX\b"),
-        ("ibuprofen", r"(?i)\bibuprofen\b|\bmotrin\b|\badvil\b"),
-        ("naproxen", r"(?i)\bnaproxen\b|\baleve\b|\bnaprosyn\b"),
-        ("gabapentin", r"(?i)\bgabapentin\b|\bneurontin\b"),
-        ("sulfasalazine", r"(?i)\bsulfasalazine\b|\bazulfidine\b"),
-        ("lisinopril", r"(?i)\blisinopril\b"),
-    ])
-});
-/// Treatments that can fail but are not drugs of the list above.
-static FAILABLE: LazyLock<Vec<(&'static str, Regex)>> = LazyLock::new(|| {
-    lexicon(&[
-        ("cpap", r"(?i)\b(?:cpap|apap|bipap|auto-?pap)\b"),
-        (
-            "physical_therapy",
-            r"(?i:\bphysical therapy\b|\bphysiotherapy\b)|\bP\.?T\b",
-        ),
-        ("nsaids", r"(?i)\bnsaids?\b|\banti-?inflammator(?:y|ies)\b"),
-    ])
-});
-/// Explicit statements that a drug was not tolerated.
-static INTOLERANCE: LazyLock<Regex> = LazyLock::new(|| {
-    re(
-        r"(?i)\bintoleran\w*|\b(?:could not|couldn't|unable to|did not|didn't|not able to) tolerate\b|\bcould (?:not|never) take\b|\bnot tolerated\b|\bpoorly tolerated\b|\bside[- ]effects?\b|\badverse (?:effects?|reactions?)\b|\ballerg\w*",
-    )
-});
-/// "Stopped in 2024 due to …": the reason that follows decides whether it was an intolerance.
-static STOPPED_FOR: LazyLock<Regex> = LazyLock::new(|| {
-    re(
-        r"(?i)\b(?:stopped|discontinued|d/c'?d|held|stopping|discontinuing) (?:\S+ ){0,3}?(?:due to|because of|b/c(?: of)?|secondary to|for)\b",
-    )
-});
-static NOT_ADVERSE_REASON: LazyLock<Regex> = LazyLock::new(|| {
-    re(
-        r"(?i)^\W*(?:\w+\W+){0,3}?(?:ckd|renal|kidney|egfr|gfr|dialysis|cost|insurance|coverage|pregnan\w*|surgery|procedure|pre-?op\w*|contrast|imaging|admission|npo|remission|resolved)\b",
-    )
-});
-/// Side effects named on their own ("Ibuprofen - GI bleed in 2021"): weaker than a statement.
-static ADVERSE: LazyLock<Regex> = LazyLock::new(|| {
-    re(
-        r"(?i)\b(?:stomach|gi) (?:upset|side effects|distress|symptoms|bleed(?:ing)?)\b|\bgastrointestinal\b|\bnausea\b|\bvomiting\b|\bdiarrh(?:o)?ea\b|\babdominal (?:pain|cramping|cramps)\b|\bepigastric (?:pain|discomfort)\b|\bupset stomach\b|\bheartburn\b|\bgastritis\b|\b(?:black|dark|tarry) stools\b|\bmelena\b|\bbloating\b|\bdyspepsia\b|\brash\b|\bhives\b|\bangioedema\b|\bcough\b|\btransaminitis\b|\belevated (?:lfts|liver enzymes|transaminases|alt|ast)\b|\bhepatotoxicity\b|\bcytopenias?\b|\bleukopenia\b|\bmouth (?:sores|ulcers)\b|\bstomatitis\b|\bhair loss\b|\bdizz(?:y|iness)\b|\bsedat(?:ion|ed)\b|\bdrows(?:y|iness)\b|\blactic acidosis\b",
-    )
-});
-static FAILURE: LazyLock<Regex> = LazyLock::new(|| {
-    re(
-        r"(?i)\bfail(?:ed|ure|ing|s)?\b|\binadequate (?:response|control|relief|improvement)\b|\bno (?:significant |meaningful |lasting |sustained )?(?:improvement|relief|benefit|response|change)\b|\b(?:did not|didn't|does not|doesn't|has not|hasn't) (?:improve|help|work|respond|control|relieve|provide)\w*|\bineffective\b|\bnot effective\b|\bwithout (?:significant |meaningful |lasting )?(?:improvement|relief|benefit|response|change)\b|\bdespite\b|\bremain(?:ed|s)? (?:elevated|above|uncontrolled|high|active)\b|\buncontrolled\b|\brefractory\b|\black of (?:efficacy|response|improvement)\b|\bminimal (?:improvement|relief|benefit|response)\b|\bsuboptimal\b|\bpoor (?:response|control)\b|\blimited (?:relief|improvement|benefit|response)\b|\bpersistent(?:ly)? (?:active|elevated|uncontrolled)\b",
-    )
-});
-/// A preposition that lets a cue reach forwards to its treatment.
-static CUE_LINK: LazyLock<Regex> = LazyLock::new(|| re(r"(?i)^\s*(?:to|of|with|on|from|for)\b"));
-static LIST_JOIN: LazyLock<Regex> = LazyLock::new(|| re(r"(?i)^\s*(?:,|/|&)?\s*(?:and|or)?\s*$"));
-static CUE_NEGATION: LazyLock<Regex> = LazyLock::new(|| {
-    re(
-        r"(?i)\b(?:no|denies|denied|without|free of|negative for|if|tolerat(?:ing|es|ed) (?:\w+ )?well)\b",
-    )
-});
-
-static SYMPTOM: LazyLock<Regex> = LazyLock::new(|| {
-    re(
-        r"(?i)\b(?:pain|ache|aching|symptoms?|snoring|sleepiness|somnolence|fatigue|stiffness|swelling|sciatica|radiculopathy|radicular|numbness|tingling|complaints?|hypersomnolence|apneas?|dyspnea|shortness of breath|breathlessness|effusion|instability|locking|giving way|buckling|arthralgias?|synovitis|flares?|hyperglycemia|polyuria|polydipsia|nocturia|dizziness|headaches?|cough|lbp|sx|weight gain|obesity|wounds?|ulcers?|onset|history of|hx of|h/o)\b",
-    )
-});
-static ONSET_AGO: LazyLock<Regex> = LazyLock::new(|| re(r"(?i)^\s*(?:ago|prior|earlier|back)\b"));
-static NOT_A_DURATION_BEFORE: LazyLock<Regex> = LazyLock::new(|| {
-    re(
-        r"(?i)(?:\bevery|\bq|\bin|\bwithin|\bf/u|\bfollow[- ]up|\breturn|\brtc|\brecheck|\bafter|\bper|\bnext|\bupcoming|\bover the next|\bfor another|\bfor an additional|\bfor \w+ more)\s*$",
-    )
-});
-static NOT_A_DURATION_AFTER: LazyLock<Regex> = LazyLock::new(|| {
-    re(r"(?i)^(?:-|\s)*(?:/|old\b|of age\b|supply\b|follow|f/u\b|postop|post-op|later\b)")
-});
-static HOMEBOUND: LazyLock<Regex> = LazyLock::new(|| {
-    re(
-        r"(?i)\bhome-?\s?bound\b|\bconsiderable and taxing effort\b|\bunable to leave (?:the |her |his |their )?home\b|\bconfined to (?:the |her |his )?(?:home|house|bed)\b|\bleaving (?:the )?home (?:requires|is a)\b|\bbed-?bound\b",
-    )
-});
-static HOMEBOUND_NEGATION: LazyLock<Regex> = LazyLock::new(|| {
-    re(r"(?i)\b(?:not|no longer|isn't|is not|does not meet|doesn't meet|no)\b[^.;\n]{0,25}$")
-});
 
 /// Words whose period never ends a sentence ("Dr. Amsel", "e.g. ibuprofen").
 const TITLES: [&str; 10] = ["dr", "mr", "mrs", "ms", "st", "vs", "approx", "e", "i", "g"];
@@ -238,6 +31,9 @@ const TITLES: [&str; 10] = ["dr", "mr", "mrs", "ms", "st", "vs", "approx", "e", 
 const ABBREVIATIONS: [&str; 14] = [
     "etc", "no", "pt", "wk", "wks", "mo", "mos", "yr", "yrs", "hx", "p", "t", "b", "d",
 ];
+
+/// How many bytes apart a duration and its therapy or symptom can be.
+const REACH: usize = 60;
 
 /// Bytes after which a segment ends at the next comma or space.
 const MAX_SEGMENT: usize = 1000;
@@ -286,23 +82,36 @@ fn segments(text: &str) -> Vec<Span> {
     out
 }
 
-fn number(word: &str) -> Option<u32> {
-    const WORDS: [&str; 12] = [
-        "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven",
-        "twelve",
-    ];
+/// The number `word` stands for, in tenths: "1.5 months" is 45 days.
+fn tenths(word: &str) -> Option<u32> {
+    const WORDS: &str = concat!(
+        "one two three four five six seven eight nine ten eleven twelve ",
+        "thirteen fourteen fifteen sixteen seventeen eighteen nineteen"
+    );
+    const TENS: &str = "twenty thirty forty fifty sixty";
     let word = word.to_ascii_lowercase();
-    // "the past week": the last word is the number.
-    match word.split_whitespace().last().unwrap_or_default() {
-        "a" | "an" | "past" | "last" | "previous" => Some(1),
-        "fifteen" => Some(15),
-        "twenty" => Some(20),
-        word => WORDS
-            .iter()
-            .position(|w| *w == word)
-            .and_then(|p| u32::try_from(p + 1).ok())
-            .or_else(|| word.parse().ok()),
+    if word.contains("couple") {
+        return Some(20);
     }
+    if let Some(whole) = word.strip_suffix("1/2").or_else(|| word.strip_suffix('½')) {
+        return tenths(whole.trim_end())?.checked_add(5);
+    }
+    // "the past week": the last word is the number.
+    let last = word.split_whitespace().last().unwrap_or_default();
+    let whole = if matches!(last, "a" | "an" | "past" | "last" | "previous") {
+        Some(1)
+    } else if let Some(p) = WORDS.split(' ').position(|w| w == last) {
+        Some(p + 1)
+    } else {
+        TENS.split(' ').position(|w| w == last).map(|p| 20 + 10 * p)
+    };
+    if let Some(n) = whole {
+        return u32::try_from(n).ok().map(|n| n * 10);
+    }
+    let (int, frac) = last.split_once('.').unwrap_or((last, "0"));
+    let int: u32 = int.parse().ok()?;
+    let frac: u32 = frac.get(..1)?.parse().ok()?;
+    int.checked_mul(10)?.checked_add(frac)
 }
 
 fn month_number(name: &str) -> Option<u8> {
@@ -342,18 +151,18 @@ fn durations(text: &str, (from, to): Span, note_date: Option<time::Date>) -> Vec
         }
         let n_word = m.name("n").map_or("", |g| g.as_str());
         if (n_word.eq_ignore_ascii_case("a") || n_word.eq_ignore_ascii_case("an"))
-            && before.trim_end().to_ascii_lowercase().ends_with("times")
+            && FREQUENCY_BEFORE.is_match(before)
         {
             continue;
         }
-        let Some(n) = number(n_word) else { continue };
+        let Some(n) = tenths(n_word) else { continue };
         // A range counts its lower bound.
         let n = m
             .name("n2")
-            .and_then(|g| number(g.as_str()))
+            .and_then(|g| tenths(g.as_str()))
             .map_or(n, |n2| n.min(n2));
         let unit = m.name("unit").map_or("", |g| g.as_str());
-        let Some(days) = unit_days(n, unit) else {
+        let Some(days) = unit_days(n, unit).map(|tenth_days| tenth_days / 10) else {
             continue;
         };
         out.push(Duration {
@@ -421,6 +230,8 @@ fn nearest_date(
             let number = |name| group(name).and_then(|g| g.parse::<u8>().ok());
             let (year, month, day) = if let Some(y) = group("range_end").or(group("year_only")) {
                 (y.to_owned(), None, None)
+            } else if let Some(y) = group("ry") {
+                (y.to_owned(), number("rm"), number("rd"))
             } else if let Some(y) = group("iy") {
                 (y.to_owned(), number("im"), number("id"))
             } else if let Some(y) = group("y") {
@@ -572,12 +383,28 @@ fn listed_with(text: &str, all: &[Treatment], chosen: Treatment) -> Vec<Treatmen
     all[lo..=hi].to_vec()
 }
 
+/// Whether the reason after "stopped because" is a reaction to the drug, not the kidneys, the
+/// cost or how well it worked; a side effect named first ("nausea, which improved") is one.
+fn adverse_reason(reason: &str) -> bool {
+    NOT_ADVERSE_REASON.find(reason).is_none_or(|other| {
+        ADVERSE
+            .find(reason)
+            .is_some_and(|adverse| adverse.end() <= other.end())
+    })
+}
+
 /// Intolerances and failures in one clause. Each cue belongs to the treatment nearest it, so
 /// "lisinopril caused angioedema, on metformin" does not make metformin an intolerance. A
 /// clause with a cue and no treatment continues the clause before it (`previous`, when only a
 /// semicolon separates them): "Took ibuprofen for 2 weeks; stopped because of heartburn".
-fn treatment_facts(note: &Note, span: Span, previous: Option<Span>, out: &mut Vec<(NoteFact, u8)>) {
-    let text = note.text.as_str();
+/// `text` is the note as read, with unticked boxes blanked.
+fn treatment_facts(
+    note: &Note,
+    text: &str,
+    span: Span,
+    previous: Option<Span>,
+    out: &mut Vec<(NoteFact, u8)>,
+) {
     let (from, to) = span;
     let piece = &text[from..to];
     let year = note.date.map(|d| d.year());
@@ -593,7 +420,7 @@ fn treatment_facts(note: &Note, span: Span, previous: Option<Span>, out: &mut Ve
         for cue in pattern.find_iter(piece) {
             let (cs, ce) = (from + cue.start(), from + cue.end());
             if CUE_NEGATION.is_match(window_before(text, from, cs, 25))
-                || (has_reason && NOT_ADVERSE_REASON.is_match(&text[ce..to]))
+                || (has_reason && !adverse_reason(&text[ce..to]))
             {
                 continue;
             }
@@ -642,13 +469,53 @@ fn treatment_facts(note: &Note, span: Span, previous: Option<Span>, out: &mut Ve
     }
 }
 
+/// The note with the item of every unticked box ("[ ] Fever", "☐ PT") blanked byte for byte,
+/// so that nothing in it counts and every offset still points into the note.
+fn without_unticked(text: &str) -> Cow<'_, str> {
+    let boxes: Vec<(usize, usize, bool)> = CHECKBOX
+        .captures_iter(text)
+        .filter_map(|m| {
+            let whole = m.get(0)?;
+            Some((whole.start(), whole.end(), m.name("unticked").is_some()))
+        })
+        .collect();
+    if !boxes.iter().any(|b| b.2) {
+        return Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len());
+    let mut kept = 0;
+    for (i, &(start, end, unticked)) in boxes.iter().enumerate() {
+        if !unticked {
+            continue;
+        }
+        // The item runs to the next box or the end of the line, whichever comes first.
+        let next_box = boxes.get(i + 1).map_or(text.len(), |b| b.0);
+        let item_end = text[end..next_box].find('\n').map_or(next_box, |p| end + p);
+        out.push_str(&text[kept..start]);
+        out.extend(std::iter::repeat_n(' ', item_end - start));
+        kept = item_end;
+    }
+    out.push_str(&text[kept..]);
+    Cow::Owned(out)
+}
+
+/// "Denies the following:", "Red flags - none of:": a header whose list below it is denied.
+fn negates_list(piece: &str) -> bool {
+    let piece = piece.trim_end();
+    let scope = SCOPE_END.find_iter(piece).last().map_or(0, |m| m.end());
+    piece.ends_with(':') && LIST_NEGATION.is_match(&piece[scope..])
+}
+
 /// All the facts of one note.
 pub fn extract(note: &Note) -> Vec<NoteFact> {
-    let text = note.text.as_str();
+    let read = without_unticked(&note.text);
+    let text = read.as_ref();
     // Each fact with how strongly it is stated, to choose among repeats.
     let mut facts: Vec<(NoteFact, u8)> = Vec::new();
     let mut symptom: Option<NoteFact> = None;
     let mut previous: Option<Span> = None;
+    // Under "Denies:" each list item is denied, up to the first line that is not an item.
+    let mut denied_list = false;
     for span in segments(text) {
         let (from, to) = span;
         let piece = &text[from..to];
@@ -658,6 +525,12 @@ pub fn extract(note: &Note) -> Vec<NoteFact> {
         if piece.trim().is_empty() {
             continue;
         }
+        let line_start = from == 0 || text.as_bytes()[from - 1] == b'\n';
+        if line_start && !LIST_ITEM.is_match(piece) {
+            denied_list = false;
+        }
+        let denied = denied_list;
+        denied_list |= negates_list(piece);
         let family = FAMILY.is_match(piece);
         let durations = durations(text, span, note.date);
         // Therapy mentions in this segment.
@@ -682,10 +555,13 @@ pub fn extract(note: &Note) -> Vec<NoteFact> {
         let mut segment_symptom: Option<(usize, NoteFact)> = None;
         for d in &durations {
             // A duration binds across no other duration: "over 6 weeks and 4 weeks of chiro".
+            // The durations are in order, so only those from `lo` on need a look.
             let crosses = |lo: usize, hi: usize| {
-                durations
+                let first = durations.partition_point(|o| o.start < lo);
+                durations[first..]
                     .iter()
-                    .any(|o| o.start >= lo && o.end <= hi && o.start != d.start)
+                    .take_while(|o| o.start <= hi)
+                    .any(|o| o.end <= hi && o.start != d.start)
             };
             let distance = |s: usize, e: usize| {
                 if e <= d.start {
@@ -707,11 +583,15 @@ pub fn extract(note: &Note) -> Vec<NoteFact> {
             };
             // "PT for 6 weeks, HEP daily": a therapy after a comma is not what lasted 6 weeks.
             let therapy_distance = |s: usize, e: usize| {
-                let punctuated = s >= d.end && text[d.end..s].contains([',', ';', ':', '(', ')']);
+                let distance = distance(s, e);
+                // Only a therapy within reach is looked at, so a long sentence costs no more.
+                let punctuated = distance < REACH
+                    && s >= d.end
+                    && text[d.end..s].contains([',', ';', ':', '(', ')']);
                 if punctuated {
                     usize::MAX
                 } else {
-                    distance(s, e)
+                    distance
                 }
             };
             let best_therapy = mentions
@@ -724,7 +604,7 @@ pub fn extract(note: &Note) -> Vec<NoteFact> {
                 .map(|a| (distance(a.0, a.1), *a))
                 .min();
             match (best_therapy, best_symptom) {
-                (Some((dt, i)), ds) if !d.ago && ds.is_none_or(|ds| dt <= ds.0) && dt < 60 => {
+                (Some((dt, i)), ds) if !d.ago && ds.is_none_or(|ds| dt <= ds.0) && dt < REACH => {
                     let (_, s, e) = mentions[i];
                     let start = s.min(d.start);
                     let end = e.max(d.end);
@@ -733,7 +613,7 @@ pub fn extract(note: &Note) -> Vec<NoteFact> {
                     }
                 }
                 (_, Some((ds, anchor)))
-                    if ds < 60
+                    if ds < REACH
                         && !family
                         && segment_symptom.as_ref().is_none_or(|(best, _)| ds < *best) =>
                 {
@@ -756,6 +636,7 @@ pub fn extract(note: &Note) -> Vec<NoteFact> {
         if symptom.is_none() {
             symptom = segment_symptom.map(|(_, f)| f);
         }
+        let received = !mentions.is_empty() && RECEIVED.is_match(piece);
         for (i, (value, s, e)) in mentions.iter().enumerate() {
             let before = window_before(text, from, *s, 40);
             let negated = THERAPY_NEGATION.find_iter(before).last().is_some_and(|m| {
@@ -765,11 +646,10 @@ pub fn extract(note: &Note) -> Vec<NoteFact> {
                     && !between.contains("benefit")
             });
             // "If no improvement after 6 weeks of PT, …" is a hypothetical.
-            if negated || CONDITIONAL.is_match(before) {
+            if negated || denied || CONDITIONAL.is_match(before) {
                 continue;
             }
             let planned_before = PLANNED.is_match(before);
-            let received = RECEIVED.is_match(piece);
             let with_days = therapy_days[i];
             let counts = match (planned_before, received) {
                 (true, false) => false,
@@ -807,13 +687,13 @@ pub fn extract(note: &Note) -> Vec<NoteFact> {
             for (value, pattern) in RED_FLAGS.iter() {
                 for m in pattern.find_iter(piece) {
                     let (s, e) = (from + m.start(), from + m.end());
-                    if negated_before(text, span, s) || negated_after(text, e, to) {
+                    if denied || negated_before(text, span, s) || negated_after(text, e, to) {
                         continue;
                     }
                     facts.push((fact(note, "red_flag", Some(value), None, None, s, e), 0));
                 }
             }
-            treatment_facts(note, span, clause_before, &mut facts);
+            treatment_facts(note, text, span, clause_before, &mut facts);
         }
         for m in HOMEBOUND.find_iter(piece) {
             let (s, e) = (from + m.start(), from + m.end());
@@ -1086,5 +966,130 @@ mod tests {
             date: None,
         };
         assert_eq!(extract(&note).len(), 3);
+        // So is one endless line of tick boxes.
+        let text = "[ ] Fever [x] PT x 3 weeks [ ] History of cancer ".repeat(110_000);
+        assert!(text.len() > 5_000_000);
+        let note = Note {
+            reference: "DocumentReference/1".into(),
+            text,
+            date: None,
+        };
+        let facts = extract(&note);
+        assert_eq!(facts.len(), 1, "{facts:?}");
+    }
+
+    #[test]
+    fn unticked_boxes_are_not_facts() {
+        assert_eq!(
+            summary(
+                "[x] Physical therapy  Duration: 6 weeks\n[ ] Chiropractic  Duration: 4 weeks\n\
+                 [ ] Fever  [x] History of cancer  [] Fracture\n☐ Saddle anesthesia"
+            ),
+            [
+                "conservative_therapy:physical_therapy 42d",
+                "red_flag:malignancy"
+            ]
+        );
+        assert_eq!(
+            summary("Metformin:  [x] Inadequate response  [ ] Intolerance  [ ] Contraindication"),
+            ["treatment_failure:metformin"]
+        );
+    }
+
+    #[test]
+    fn a_denying_header_covers_the_list_under_it() {
+        assert_eq!(
+            summary(
+                "Red flags - none of the following:\n- saddle anesthesia\n- fever\n\
+                     Exam: foot drop on the left."
+            ),
+            ["red_flag:progressive_neurological_deficit"]
+        );
+        assert_eq!(
+            summary("ROS negative except:\n- fever\n- weight loss"),
+            ["red_flag:infection"]
+        );
+    }
+
+    #[test]
+    fn durations_as_clinicians_abbreviate_them() {
+        assert_eq!(summary("Knee pain x3 months."), ["symptom_duration 90d"]);
+        assert_eq!(
+            summary("Back pain for about 1.5 years."),
+            ["symptom_duration 547d"]
+        );
+        assert_eq!(
+            summary("Neck pain x 2 1/2 weeks."),
+            ["symptom_duration 17d"]
+        );
+        assert_eq!(
+            summary("Symptoms for a couple of weeks."),
+            ["symptom_duration 14d"]
+        );
+        // "Twice a week" is how often; the time is counted from the date.
+        assert_eq!(
+            summary("Goes to physical therapy twice a week since 4/20."),
+            ["conservative_therapy:physical_therapy 14d"]
+        );
+    }
+
+    #[test]
+    fn activity_changes_and_exercises_at_home() {
+        assert_eq!(
+            summary("Stopped jogging since 4/1. On light duty at work for 5 weeks."),
+            ["conservative_therapy:activity_modification 35d"]
+        );
+        assert_eq!(
+            summary("Does heel slides and bridges at home daily x 2 months."),
+            ["conservative_therapy:home_exercise 60d"]
+        );
+        assert_eq!(
+            summary("Performs HEP."),
+            ["conservative_therapy:home_exercise"]
+        );
+        assert!(summary("Recommend light duty for 2 weeks.").is_empty());
+    }
+
+    #[test]
+    fn side_effects_in_plain_words() {
+        assert_eq!(
+            summary("Gabapentin caused brain fog and unsteadiness."),
+            ["intolerance:gabapentin"]
+        );
+        assert_eq!(
+            summary("Stopped naproxen because it was giving him stomach pain."),
+            ["intolerance:naproxen"]
+        );
+        assert_eq!(
+            summary("SSZ 2020-2022: discontinued in 2022 after urticaria."),
+            ["intolerance:sulfasalazine @2022"]
+        );
+        // A range of months is dated by its end, like a range of years.
+        assert_eq!(
+            summary("Methotrexate 01/2024 - 06/2024; stopped for mouth sores."),
+            ["intolerance:methotrexate @2024-06"]
+        );
+        // Stopping because it did not work is a failure, not an intolerance.
+        assert_eq!(
+            summary("Metformin stopped because it did not help."),
+            ["treatment_failure:metformin"]
+        );
+        assert_eq!(
+            summary("NSAIDs x 3 wks without any relief."),
+            [
+                "conservative_therapy:nsaids 21d",
+                "treatment_failure:nsaids"
+            ]
+        );
+    }
+
+    #[test]
+    fn relatives_are_family_history_only_with_what_they_had() {
+        assert_eq!(
+            summary("Seen with his daughter for back pain for 2 weeks."),
+            ["symptom_duration 14d"]
+        );
+        assert!(summary("Sister had an osteosarcoma at 15.").is_empty());
+        assert!(summary("FHx: father w/ prostate cancer.").is_empty());
     }
 }
