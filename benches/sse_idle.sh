@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Memory of idle Server-Sent Events connections: the release binary with one pipeline tenant,
 # N (default 10000) `GET /events` connections opened and held, RSS before and after.
-# Usage: benches/sse_idle.sh [connections]   (builds the release binary if needed)
+# Usage: benches/sse_idle.sh [connections [path [seconds]]]   (builds the release binary if needed)
+# A path other than /events (e.g. /healthz) measures idle keep-alive connections for comparison.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 connections=${1:-10000}
@@ -41,4 +42,4 @@ key=$(cat "$dir/data/admin-api-key")
 # Warm up: one stream opened and closed.
 curl -fs -m 1 -H "authorization: Bearer $key" "http://127.0.0.1:$port/events?tenant=clinic" >/dev/null || true
 sleep 1
-python3 benches/sse_idle.py "$port" "$key" "$connections" "$pid"
+python3 benches/sse_idle.py "$port" "$key" "$connections" "$pid" "${2:-/events?tenant=clinic}" "${3:-17}"

@@ -308,14 +308,21 @@ async fn write_loop(store: Arc<dyn Store>, mut head: Link, mut rx: mpsc::Receive
     let mut dirty = false;
     let mut flushed_at = std::time::Instant::now();
     loop {
-        let first = match tokio::time::timeout(FLUSH_EVERY, rx.recv()).await {
+        // Unflushed commits reach the disk FLUSH_EVERY after the last flush, however busy.
+        let wait = if dirty {
+            FLUSH_EVERY.saturating_sub(flushed_at.elapsed())
+        } else {
+            FLUSH_EVERY
+        };
+        let first = match tokio::time::timeout(wait, rx.recv()).await {
             Ok(Some(message)) => message,
             Ok(None) => break,
             Err(_) => {
                 if dirty && flush_head(store.as_ref(), &head).await {
                     dirty = false;
-                    flushed_at = std::time::Instant::now();
                 }
+                // A failed flush is tried again a FLUSH_EVERY later, not at once.
+                flushed_at = std::time::Instant::now();
                 continue;
             }
         };

@@ -315,23 +315,22 @@ pub fn mask(text: &str, identity: &Identity) -> String {
             }
         }
     }
-    let lower = text.to_lowercase();
-    if lower.len() == text.len() {
-        for term in &identity.terms {
-            let needle = term.to_lowercase();
-            if needle.len() != term.len() || needle.is_empty() {
-                continue;
-            }
-            let mut from = 0;
-            while let Some(at) = lower[from..].find(&needle) {
-                let start = from + at;
-                let end = start + needle.len();
-                let word_start = start == 0 || !lower.as_bytes()[start - 1].is_ascii_alphanumeric();
-                let word_end = end == lower.len() || !lower.as_bytes()[end].is_ascii_alphanumeric();
-                if word_start && word_end {
-                    hide(start, end);
-                }
-                from = end;
+    // Matched on the text itself, not on a lowercased copy whose offsets can differ (`İ`),
+    // in any case, as whole words.
+    for term in &identity.terms {
+        let Ok(pattern) = regex::RegexBuilder::new(&regex::escape(term))
+            .case_insensitive(true)
+            .build()
+        else {
+            continue;
+        };
+        for m in pattern.find_iter(text) {
+            let before = text[..m.start()].chars().next_back();
+            let after = text[m.end()..].chars().next();
+            if !before.is_some_and(char::is_alphanumeric)
+                && !after.is_some_and(char::is_alphanumeric)
+            {
+                hide(m.start(), m.end());
             }
         }
     }
@@ -390,6 +389,11 @@ pub async fn extract_all(
                 tracing::info!(note = %note.reference, kind = %found.kind, "a fact quoting text not in the note was dropped");
                 continue;
             };
+            // A quote ending inside a masked character does not fall on the note's characters.
+            let Some(quoted) = note.text.get(start..end) else {
+                metrics::counter!("fhirgate_extract_llm_dropped_facts_total").increment(1);
+                continue;
+            };
             facts.push(NoteFact {
                 kind: found.kind,
                 value: found
@@ -398,7 +402,7 @@ pub async fn extract_all(
                     .filter(|v| !v.is_empty()),
                 days: found.days.and_then(|d| u32::try_from(d).ok()),
                 date: found.date.filter(|d| !d.trim().is_empty()),
-                text: note.text[start..end].to_owned(),
+                text: quoted.to_owned(),
                 note: note.reference.clone(),
                 start,
                 end,
@@ -439,5 +443,15 @@ mod tests {
             text.find("Completed").map(|s| (s, s + 23))
         );
         assert_eq!(locate(&masked, "twelve weeks of PT"), None);
+        // Letters whose lowercase is longer or shorter (İ) keep the masking exact.
+        let turkish =
+            Identity::of_patient(&json!({"name": [{"family": "Şahin", "given": ["İlknur"]}]}));
+        let note = "İlknur ŞAHIN, seen today. Completed 8 weeks of PT.";
+        let hidden = mask(note, &turkish);
+        assert_eq!(hidden.len(), note.len());
+        assert!(
+            !hidden.contains("lknur") && !hidden.contains("AHIN"),
+            "{hidden}"
+        );
     }
 }

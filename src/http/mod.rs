@@ -205,7 +205,8 @@ async fn bare_errors_as_outcomes(response: Response) -> Response {
         .headers()
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|ct| ct.contains("json"));
+        .is_some_and(|ct| ct.contains("json") || ct.starts_with("text/html"));
+    // JSON already says what went wrong; an HTML page (the review app's) is for a browser.
     if is_json {
         return response;
     }

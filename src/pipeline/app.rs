@@ -80,6 +80,29 @@ fn cookie_value(headers: &HeaderMap) -> Option<String> {
         .filter(|v| v.len() == 64 && v.bytes().all(|b| b.is_ascii_hexdigit()))
 }
 
+/// Deletes review sessions past their end and launches that never came back.
+pub async fn forget_expired(pipeline: &Pipeline) -> Result<(), crate::store::StoreError> {
+    let now = now_micros();
+    let mut ops = Vec::new();
+    for (key, bytes) in pipeline.store.kv_scan(SESSIONS, None, usize::MAX).await? {
+        let ended = serde_json::from_slice::<Session>(&bytes).map_or(true, |s| s.expires <= now);
+        if ended {
+            ops.push(KvOp::delete(SESSIONS, key));
+        }
+    }
+    for (key, bytes) in pipeline.store.kv_scan(LAUNCHES, None, usize::MAX).await? {
+        let stale = serde_json::from_slice::<Launch>(&bytes)
+            .map_or(true, |l| now - l.created >= LAUNCH_TTL_MICROS);
+        if stale {
+            ops.push(KvOp::delete(LAUNCHES, key));
+        }
+    }
+    if !ops.is_empty() {
+        pipeline.store.kv_apply(ops).await?;
+    }
+    Ok(())
+}
+
 /// Whether the request carries a review-session cookie (checked or not).
 pub fn has_session_cookie(headers: &HeaderMap) -> bool {
     cookie_value(headers).is_some()

@@ -194,10 +194,27 @@ pub async fn events(
     headers: HeaderMap,
     Query(query): Query<EventsQuery>,
 ) -> Response {
-    let filter = match super::app::session_of(&pipeline, &headers).await {
+    // A page with a session cookie listens as that session or not at all: the guard let it in
+    // on the cookie alone, so it never falls through to the API caller's tenant-wide view.
+    let session = if super::app::has_session_cookie(&headers) {
+        match super::app::session_of(&pipeline, &headers).await {
+            Some(session) => Some(session),
+            None => {
+                return (
+                    StatusCode::UNAUTHORIZED,
+                    axum::Json(serde_json::json!({"error": "the review session has ended; open the page from the EHR again"})),
+                )
+                    .into_response()
+            }
+        }
+    } else {
+        None
+    };
+    let filter = match session {
+        // A review page sees its own patient's items, whoever else the clinician treats.
         Some(session) => Filter {
             patient_hash: Some(pipeline.patient_hash(&session.tenant, &session.patient)),
-            practitioner: session.practitioner.clone(),
+            practitioner: None,
             tenant: session.tenant,
         },
         None => match query.tenant {

@@ -28,6 +28,8 @@ const PATIENT_TYPES: [&str; 10] = [
     "Procedure",
     "AllergyIntolerance",
 ];
+/// Notes read when the encounter has none of its own.
+const MAX_FALLBACK_NOTES: usize = 10;
 /// Pages of one search at most.
 const MAX_PAGES: usize = 5;
 /// Order types: requests whose `encounter` is the signed encounter are decided.
@@ -104,8 +106,8 @@ pub async fn gather(tenant: &Arc<Tenant>, encounter: &Value) -> Result<Chart, Re
         source.read("Patient", &patient_id),
         join_all(PATIENT_TYPES.iter().map(|t| search_all(source, t, &params)))
     );
-    let patient =
-        patient?.ok_or_else(|| RemoteError::Invalid(format!("{patient_ref} is not at the EHR")))?;
+    let patient = patient?
+        .ok_or_else(|| RemoteError::Invalid("the encounter's patient is not at the EHR".into()))?;
     let mut gaps = Vec::new();
     let mut found: Vec<Value> = Vec::new();
     for (resource_type, result) in PATIENT_TYPES.iter().zip(searches) {
@@ -164,7 +166,15 @@ pub async fn gather(tenant: &Arc<Tenant>, encounter: &Value) -> Result<Chart, Re
                 .any(|e| refers_to(e, &encounter_ref))
         })
         .collect();
-    let chosen = if own.is_empty() { documents } else { own };
+    // Without notes of its own, the patient's most recent notes stand in (not the whole chart).
+    let chosen = if own.is_empty() {
+        let mut recent = documents;
+        recent.sort_by(|a, b| b["date"].as_str().cmp(&a["date"].as_str()));
+        recent.truncate(MAX_FALLBACK_NOTES);
+        recent
+    } else {
+        own
+    };
     let mut notes = Vec::new();
     for document in chosen {
         let reference = format!(

@@ -44,6 +44,10 @@ pub const SEEN: &str = "pipeline_seen";
 pub const CURSORS: &str = "pipeline_cursors";
 /// Server secrets of the pipeline (the patient-reference HMAC key).
 pub const SECRETS: &str = "pipeline_secrets";
+/// The transaction of each encounter: `{tenant}|{encounter id}` → transaction id.
+pub const ENCOUNTERS: &str = "pipeline_encounters";
+/// Encounters of one tenant processed at once.
+const CONCURRENT_ENCOUNTERS: usize = 4;
 
 /// Where a transaction is.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -143,6 +147,8 @@ pub struct Tenant {
     pub remote: Option<Arc<RemoteFhir>>,
     /// The `iss` the EHR launches the review page with.
     pub iss: String,
+    /// Encounters of this tenant processed at once (a backlog waits its turn).
+    pub permits: tokio::sync::Semaphore,
 }
 
 /// Everything the pipeline's tasks and handlers share.
@@ -164,6 +170,7 @@ pub struct Pipeline {
     /// The pollers, processing, heartbeat and purge tasks, stopped at shutdown (work they
     /// leave is resumed at the next start).
     tasks: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    stopped: std::sync::atomic::AtomicBool,
 }
 
 /// Microseconds since the Unix epoch.
@@ -192,12 +199,12 @@ impl Pipeline {
             let source = remotes.sources.get(name).cloned().ok_or_else(|| {
                 anyhow::anyhow!("pipeline.tenants.{name}: there is no source named {name}")
             })?;
-            if let Some(destination) = &tenant.write_back {
-                if !remotes.sinks.contains_key(destination) {
-                    anyhow::bail!(
-                        "pipeline.tenants.{name}.write_back: there is no destination named {destination}"
-                    );
-                }
+            let destination = tenant.write_back.as_deref().unwrap_or(name);
+            if !remotes.sinks.contains_key(destination) {
+                anyhow::bail!(
+                    "pipeline.tenants.{name}.write_back: there is no destination named {destination} \
+                     (approved packets are written back there)"
+                );
             }
             let remote = remotes.proxies.get(name).cloned();
             let iss = tenant
@@ -215,6 +222,7 @@ impl Pipeline {
                     source,
                     remote,
                     iss,
+                    permits: tokio::sync::Semaphore::new(CONCURRENT_ENCOUNTERS),
                 }),
             );
         }
@@ -237,6 +245,7 @@ impl Pipeline {
                 .build()?,
             changes: tokio::sync::Mutex::new(()),
             tasks: std::sync::Mutex::new(Vec::new()),
+            stopped: std::sync::atomic::AtomicBool::new(false),
         }))
     }
 
@@ -260,18 +269,20 @@ impl Pipeline {
     /// Runs `task` until it ends or the pipeline shuts down.
     pub fn spawn(&self, task: impl std::future::Future<Output = ()> + Send + 'static) {
         let mut tasks = self.tasks.lock().unwrap_or_else(|p| p.into_inner());
+        // Checked under the lock `shutdown` takes, so nothing starts after it.
+        if self.stopped.load(std::sync::atomic::Ordering::Acquire) {
+            return;
+        }
         tasks.retain(|t| !t.is_finished());
         tasks.push(tokio::spawn(task));
     }
 
     /// Stops every task; a transaction cut off in Processing is resumed at the next start.
     pub fn shutdown(&self) {
-        for task in self
-            .tasks
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .drain(..)
-        {
+        let mut tasks = self.tasks.lock().unwrap_or_else(|p| p.into_inner());
+        self.stopped
+            .store(true, std::sync::atomic::Ordering::Release);
+        for task in tasks.drain(..) {
             task.abort();
         }
     }
@@ -393,8 +404,11 @@ async fn purge_loop(pipeline: Arc<Pipeline>) {
     let mut tick = tokio::time::interval(Duration::from_secs(every));
     loop {
         tick.tick().await;
-        if let Err(e) = submit::forget_delivered(&pipeline).await {
-            tracing::warn!(error = %e, "dropping delivered documents failed");
+        if let Err(e) = submit::settle(&pipeline).await {
+            tracing::warn!(error = %e, "settling write-backs failed");
+        }
+        if let Err(e) = app::forget_expired(&pipeline).await {
+            tracing::warn!(error = %e, "dropping expired review sessions failed");
         }
         if let Err(e) = pipeline.purge().await {
             if matches!(e, StoreError::Closed) {

@@ -1,9 +1,10 @@
-//! The encounter poller: one task per tenant asking `Encounter?status=finished&date=gt{cursor}`.
+//! The encounter poller: one task per tenant asking `Encounter?status=finished&date=gt{since}`.
 //!
-//! One search every few seconds keeps a tenant far under one request a second. The cursor is
-//! kept in the store, so a restart carries on where it was; it trails the newest encounter by
-//! a few minutes, because EHRs commit encounters out of order — the encounters seen twice are
-//! recognised by their version and not processed again.
+//! One search every few seconds keeps a tenant far under one request a second. Clinicians sign
+//! encounters hours after they end, so each poll looks back over the tenant's lookback window;
+//! the cursor (the newest encounter seen, kept in the store) reaches further back only after a
+//! stop longer than that. Encounters seen again are recognised by their version and not
+//! processed twice.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -84,10 +85,15 @@ pub async fn poll_once(pipeline: &Arc<Pipeline>, tenant: &Arc<Tenant>) -> Result
         .flatten()
         .and_then(|b| std::str::from_utf8(&b).ok()?.parse::<i64>().ok());
     let lookback = i64::try_from(tenant.config.lookback_hours).unwrap_or(24) * 3_600_000_000;
-    let cursor = stored.unwrap_or_else(|| super::now_micros() - lookback);
+    let now = super::now_micros();
+    let cursor = stored.unwrap_or(now - lookback);
+    // Encounters are often signed hours after they end: every poll looks back over the
+    // lookback window (or further, to the cursor, after a long stop), and the "seen" marks
+    // keep each version to one transaction.
+    let since = cursor.min(now - lookback);
     let params = vec![
         ("status".to_owned(), "finished".to_owned()),
-        ("date".to_owned(), format!("gt{}", super::instant(cursor))),
+        ("date".to_owned(), format!("gt{}", super::instant(since))),
     ];
     let mut page = tenant.source.search("Encounter", &params).await?;
     let mut newest = cursor;
@@ -101,7 +107,8 @@ pub async fn poll_once(pipeline: &Arc<Pipeline>, tenant: &Arc<Tenant>) -> Result
                 continue;
             };
             if let Some(end) = ended(encounter) {
-                newest = newest.max(end);
+                // An end in the future (a clock or data error) must not carry the cursor along.
+                newest = newest.max(end.min(now));
             }
             let key = format!("{}|{id}|{}", tenant.name, version_of(encounter));
             let seen = pipeline.store.kv_get(SEEN, vec![key.clone()]).await?;

@@ -14,7 +14,8 @@ use serde_json::Value;
 
 use super::hydrate::{self, Chart};
 use super::{
-    instant, now_micros, Draft, Pipeline, Status, Tenant, Transaction, SEEN, TRANSACTIONS,
+    instant, now_micros, Draft, Pipeline, Status, Tenant, Transaction, ENCOUNTERS, SEEN,
+    TRANSACTIONS,
 };
 use crate::extract::llm::Identity;
 use crate::extract::{describe, Extraction};
@@ -24,8 +25,9 @@ use crate::packet::ServiceLine;
 use crate::remote::RemoteError;
 use crate::store::{KvOp, StoreError};
 
-/// Attempts at gathering a chart before the transaction fails.
-const ATTEMPTS: u32 = 4;
+/// Attempts at gathering a chart before the transaction fails: waits double from 1 s to a
+/// minute, so an EHR outage of about ten minutes is ridden out.
+const ATTEMPTS: u32 = 15;
 
 /// Records `encounter` as taken on (a Processing transaction and its "seen" mark, durably).
 pub async fn take_on(
@@ -48,6 +50,38 @@ pub async fn take_on(
             .await?;
         return Ok(None);
     };
+    // A later version of an encounter already taken on (an addendum, a billing edit) does not
+    // make a second packet, unless the first failed.
+    let encounter_key = format!(
+        "{}|{}",
+        tenant.name,
+        encounter["id"].as_str().unwrap_or_default()
+    );
+    let earlier = pipeline
+        .store
+        .kv_get(ENCOUNTERS, vec![encounter_key.clone()])
+        .await?
+        .into_iter()
+        .next()
+        .flatten();
+    if let Some(earlier) = earlier {
+        let id = String::from_utf8_lossy(&earlier).into_owned();
+        let failed = pipeline
+            .transaction(&id)
+            .await?
+            .is_none_or(|t| t.status == Status::Failed);
+        if !failed {
+            pipeline
+                .store
+                .kv_apply(vec![KvOp::put(
+                    SEEN,
+                    seen_key,
+                    format!("skipped: a later version of {id}").into_bytes(),
+                )])
+                .await?;
+            return Ok(None);
+        }
+    }
     let now = instant(now_micros());
     let transaction = Transaction {
         id: format!("t-{}", uuid::Uuid::new_v4()),
@@ -80,11 +114,14 @@ pub async fn take_on(
         .save(
             &transaction,
             None,
-            vec![KvOp::put(
-                SEEN,
-                seen_key,
-                transaction.id.clone().into_bytes(),
-            )],
+            vec![
+                KvOp::put(SEEN, seen_key, transaction.id.clone().into_bytes()),
+                KvOp::put(
+                    ENCOUNTERS,
+                    encounter_key,
+                    transaction.id.clone().into_bytes(),
+                ),
+            ],
         )
         .await?;
     tracing::info!(tenant = %tenant.name, transaction = %transaction.id, encounter = %transaction.encounter, "signed encounter taken on");
@@ -124,6 +161,9 @@ pub async fn run(
     transaction: Transaction,
     encounter: Option<Value>,
 ) {
+    let Ok(_permit) = tenant.permits.acquire().await else {
+        return;
+    };
     let started = std::time::Instant::now();
     let mut attempt = 0;
     let result = loop {
@@ -132,7 +172,7 @@ pub async fn run(
             Err(e) if e.is_retriable() && attempt < ATTEMPTS => {
                 let wait = e
                     .retry_after()
-                    .unwrap_or(Duration::from_millis(500 * 2u64.pow(attempt)));
+                    .unwrap_or(Duration::from_millis(500 * 2u64.pow(attempt.min(7))));
                 tracing::info!(transaction = %transaction.id, attempt, error = %e, "gathering the chart failed; trying again");
                 tokio::time::sleep(wait.min(Duration::from_secs(60))).await;
             }
@@ -165,16 +205,29 @@ pub async fn run(
                 .await
         }
         Err(e) => {
-            tracing::warn!(transaction = %transaction.id, error = %e, "the encounter could not be processed");
+            let reason = reason_of(&e);
+            tracing::warn!(transaction = %transaction.id, reason = %reason, "the encounter could not be processed");
             let mut failed = transaction.clone();
             failed.status = Status::Failed;
-            failed.reason = Some(e.to_string());
+            failed.reason = Some(reason);
             failed.updated = instant(now_micros());
             pipeline.save(&failed, None, Vec::new()).await
         }
     };
     if let Err(e) = saved {
         tracing::warn!(transaction = %transaction.id, error = %e, "the transaction's result could not be saved; it is resumed at the next start");
+    }
+}
+
+/// Why a transaction failed, as kept and shown: never the EHR's own wording, which may name
+/// the patient.
+fn reason_of(error: &RemoteError) -> String {
+    match error {
+        RemoteError::Status { status, .. } | RemoteError::Auth { status, .. } => {
+            format!("the EHR answered {status}")
+        }
+        RemoteError::Transport(_) => "the EHR could not be reached".into(),
+        RemoteError::Invalid(message) | RemoteError::Refused(message) => message.clone(),
     }
 }
 

@@ -178,32 +178,55 @@ pub(super) async fn resume(pipeline: &Arc<Pipeline>) -> Result<(), SubmitError> 
     for mut transaction in pipeline.transactions().await? {
         if transaction.status == Status::Submitted && transaction.job.is_none() {
             tracing::info!(transaction = %transaction.id, "queueing a write-back a stop cut off");
-            queue(pipeline, &mut transaction).await?;
+            // One that cannot be queued now is tried again by the purge loop, not fatal here.
+            if let Err(e) = queue(pipeline, &mut transaction).await {
+                tracing::warn!(transaction = %transaction.id, error = %e, "a write-back could not be queued yet");
+            }
         }
     }
     Ok(())
 }
 
-/// Deletes outgoing documents whose write-back job has finished.
-pub async fn forget_delivered(pipeline: &Pipeline) -> Result<(), StoreError> {
-    let mut ops = Vec::new();
-    for transaction in pipeline.transactions().await? {
-        let (Some(job), Some(document)) = (transaction.job, &transaction.document) else {
+/// Settles write-backs: a delivered document is forgotten; one the outbox gave up on (dead
+/// letter) turns its transaction Failed, keeping the document for a retry of the dead letter;
+/// a Submitted transaction without a job (the queue refused it) is queued again.
+pub async fn settle(pipeline: &Pipeline) -> Result<(), StoreError> {
+    let _guard = pipeline.changes.lock().await;
+    for mut transaction in pipeline.transactions().await? {
+        if transaction.status != Status::Submitted {
+            continue;
+        }
+        let (Some(job), Some(document)) = (transaction.job, transaction.document.clone()) else {
+            if let Err(e) = queue(pipeline, &mut transaction).await {
+                tracing::warn!(transaction = %transaction.id, error = %e, "a write-back could not be queued yet");
+            }
             continue;
         };
-        if pipeline
-            .engine
-            .job(job)
-            .is_some_and(|j| j.state.is_finished())
-        {
-            let id = document.trim_start_matches("DocumentReference/").to_owned();
-            if pipeline.store.kv_get(OUTGOING, vec![id.clone()]).await?[0].is_some() {
-                ops.push(KvOp::delete(OUTGOING, id));
+        let Some(state) = pipeline.engine.job(job).map(|j| j.state) else {
+            continue;
+        };
+        let id = document.trim_start_matches("DocumentReference/").to_owned();
+        match state {
+            crate::sync::JobState::Completed => {
+                let kept = pipeline.store.kv_get(OUTGOING, vec![id.clone()]).await?;
+                if kept.first().is_some_and(Option::is_some) {
+                    pipeline
+                        .store
+                        .kv_apply(vec![KvOp::delete(OUTGOING, id)])
+                        .await?;
+                }
             }
+            crate::sync::JobState::CompletedWithErrors => {
+                transaction.status = Status::Failed;
+                transaction.reason = Some(
+                    "the packet could not be written to the chart (see the sync dead letters)"
+                        .into(),
+                );
+                transaction.updated = instant(now_micros());
+                pipeline.save(&transaction, None, Vec::new()).await?;
+            }
+            _ => {}
         }
-    }
-    if !ops.is_empty() {
-        pipeline.store.kv_apply(ops).await?;
     }
     Ok(())
 }

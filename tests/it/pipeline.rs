@@ -417,6 +417,8 @@ async fn an_encounter_seen_in_two_polls_is_processed_once_and_others_are_skipped
             .filter(|r| r.path.ends_with("/Encounter"))
             .count()
     };
+    // A later version of the signed encounter (an addendum) makes no second packet.
+    sign_encounter(&double, "enc-1", PATIENT, Some(note_attachment(NOTE)));
     let before = polls();
     eventually("two more polls", || async {
         (polls() >= before + 2).then_some(())
@@ -823,6 +825,14 @@ async fn sse_resumes_from_the_last_event_id() {
         .await
         .expect("events");
     assert_eq!(anonymous.status(), StatusCode::UNAUTHORIZED);
+    // A made-up session cookie is not a way around the API caller's credentials.
+    let forged = reqwest::Client::new()
+        .get(app.url(&format!("/events?tenant={TENANT}")))
+        .header("cookie", format!("fhirgate_review={}", "0".repeat(64)))
+        .send()
+        .await
+        .expect("events");
+    assert_eq!(forged.status(), StatusCode::UNAUTHORIZED);
 }
 
 #[tokio::test]
@@ -885,6 +895,10 @@ async fn a_smart_launch_opens_a_session_for_the_launch_patient_and_bad_launches_
     // The same state again, a made-up state, an unknown EHR, development sign-in when off.
     let again = client.get(&callback).send().await.expect("callback again");
     assert_eq!(again.status(), StatusCode::BAD_REQUEST);
+    assert!(again.headers()["content-type"]
+        .to_str()
+        .expect("type")
+        .starts_with("text/html"));
     assert!(again
         .text()
         .await
