@@ -68,6 +68,24 @@ fn digest(value: &str) -> String {
     crate::hex(&sha2::Sha256::digest(value.as_bytes()))
 }
 
+/// Keeps `value` under the hash of the secret `token` (a session cookie, a launch state), so
+/// the store never holds the token itself.
+async fn keep(
+    pipeline: &Pipeline,
+    space: &'static str,
+    token: &str,
+    value: &impl Serialize,
+) -> Result<(), crate::store::StoreError> {
+    pipeline
+        .store
+        .kv_apply(vec![KvOp::put(
+            space,
+            digest(token),
+            serde_json::to_vec(value).unwrap_or_default(),
+        )])
+        .await
+}
+
 fn cookie_value(headers: &HeaderMap) -> Option<String> {
     headers
         .get_all(header::COOKIE)
@@ -261,15 +279,7 @@ async fn launch(
         token_endpoint: configuration.1,
         created: now_micros(),
     };
-    if let Err(e) = pipeline
-        .store
-        .kv_apply(vec![KvOp::put(
-            LAUNCHES,
-            digest(&state),
-            serde_json::to_vec(&record).unwrap_or_default(),
-        )])
-        .await
-    {
+    if let Err(e) = keep(pipeline.as_ref(), LAUNCHES, &state, &record).await {
         tracing::warn!(error = %e, "a launch could not be recorded");
         return problem(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -456,15 +466,7 @@ fn id_token_claim(id_token: &Value, claim: &str) -> Option<String> {
 
 async fn open_session(pipeline: &Pipeline, session: Session) -> Response {
     let token = random_token();
-    if let Err(e) = pipeline
-        .store
-        .kv_apply(vec![KvOp::put(
-            SESSIONS,
-            digest(&token),
-            serde_json::to_vec(&session).unwrap_or_default(),
-        )])
-        .await
-    {
+    if let Err(e) = keep(pipeline, SESSIONS, &token, &session).await {
         tracing::warn!(error = %e, "a review session could not be saved");
         return problem(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -609,6 +611,16 @@ async fn owned(pipeline: &Pipeline, session: &Session, id: &str) -> Result<Trans
     }
 }
 
+/// Transaction `id`, for a session of its patient.
+async fn readable(
+    pipeline: &Pipeline,
+    headers: &HeaderMap,
+    id: &str,
+) -> Result<Transaction, Response> {
+    let session = require(pipeline, headers).await?;
+    owned(pipeline, &session, id).await
+}
+
 async fn detail_of(pipeline: &Pipeline, transaction: &Transaction) -> Response {
     let mut body = transaction.summary();
     let draft = match pipeline.draft(&transaction.id).await {
@@ -633,11 +645,7 @@ async fn detail(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Response {
-    let session = match require(&pipeline, &headers).await {
-        Ok(s) => s,
-        Err(r) => return r,
-    };
-    match owned(&pipeline, &session, &id).await {
+    match readable(&pipeline, &headers, &id).await {
         Ok(t) => detail_of(&pipeline, &t).await,
         Err(r) => r,
     }
@@ -669,6 +677,22 @@ fn rationale_of(body: &Bytes, required: bool) -> Result<Option<String>, Box<Resp
     }
 }
 
+/// What every change from the page checks: the session, JSON from this origin, the body, and
+/// that the item is the session's patient's. Answers the session and the rationale sent.
+async fn change(
+    pipeline: &Pipeline,
+    headers: &HeaderMap,
+    id: &str,
+    body: &Bytes,
+    rationale_required: bool,
+) -> Result<(Session, Option<String>), Box<Response>> {
+    let session = require(pipeline, headers).await.map_err(Box::new)?;
+    same_origin_json(pipeline, headers)?;
+    let rationale = rationale_of(body, rationale_required)?;
+    owned(pipeline, &session, id).await.map_err(Box::new)?;
+    Ok((session, rationale))
+}
+
 /// `PUT …/rationale`: the clinician's edit, kept in the draft; the packet is rendered again.
 async fn edit(
     State(pipeline): State<Arc<Pipeline>>,
@@ -676,20 +700,10 @@ async fn edit(
     Path(id): Path<String>,
     body: Bytes,
 ) -> Response {
-    let session = match require(&pipeline, &headers).await {
-        Ok(s) => s,
-        Err(r) => return r,
-    };
-    if let Err(r) = same_origin_json(&pipeline, &headers) {
-        return *r;
-    }
-    let rationale = match rationale_of(&body, true) {
-        Ok(r) => r.unwrap_or_default(),
+    let rationale = match change(&pipeline, &headers, &id, &body, true).await {
+        Ok((_, rationale)) => rationale.unwrap_or_default(),
         Err(r) => return *r,
     };
-    if let Err(r) = owned(&pipeline, &session, &id).await {
-        return r;
-    }
     let guard = pipeline.changes.lock().await;
     let (transaction, draft) = match (pipeline.transaction(&id).await, pipeline.draft(&id).await) {
         (Ok(Some(t)), Ok(Some(d))) if t.status == Status::Ready => (t, d),
@@ -737,20 +751,10 @@ async fn submit_one(
     Path(id): Path<String>,
     body: Bytes,
 ) -> Response {
-    let session = match require(&pipeline, &headers).await {
-        Ok(s) => s,
-        Err(r) => return r,
-    };
-    if let Err(r) = same_origin_json(&pipeline, &headers) {
-        return *r;
-    }
-    let rationale = match rationale_of(&body, false) {
-        Ok(r) => r,
+    let (session, rationale) = match change(&pipeline, &headers, &id, &body, false).await {
+        Ok(checked) => checked,
         Err(r) => return *r,
     };
-    if let Err(r) = owned(&pipeline, &session, &id).await {
-        return r;
-    }
     let mut response = match submit::submit(&pipeline, &id, rationale).await {
         Ok((transaction, first)) => {
             let status = if first {
@@ -781,11 +785,7 @@ async fn packet(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Response {
-    let session = match require(&pipeline, &headers).await {
-        Ok(s) => s,
-        Err(r) => return r,
-    };
-    if let Err(r) = owned(&pipeline, &session, &id).await {
+    if let Err(r) = readable(&pipeline, &headers, &id).await {
         return r;
     }
     let pdf = match pipeline.draft(&id).await {

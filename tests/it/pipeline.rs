@@ -552,6 +552,32 @@ async fn notes_in_html_latin1_binary_or_huge_are_read_and_empty_ones_are_skipped
     assert!(days["Encounter/enc-empty"].is_empty(), "{days:?}");
 }
 
+/// The first Ready item's detail, as the review page gets it.
+async fn ready_detail(app: &TestApp, cookie: &str) -> Value {
+    let ready = item_with_status(app, cookie, "ready").await;
+    let path = format!(
+        "/app/api/transactions/{}",
+        ready["id"].as_str().expect("id")
+    );
+    let (status, detail) = api(app, cookie, reqwest::Method::GET, &path, None).await;
+    assert_eq!(status, StatusCode::OK, "{detail}");
+    detail
+}
+
+/// An EHR with one signed encounter and fhirgate polling it (`more` changes the
+/// configuration further); answers the EHR, the server and a review session's cookie.
+async fn signed_encounter_app(more: impl FnOnce(&mut Config)) -> (FhirDouble, TestApp, String) {
+    let double = ehr().await;
+    sign_encounter(&double, "enc-1", PATIENT, Some(note_attachment(NOTE)));
+    let app = TestApp::start_with(|c| {
+        configure(c, &double);
+        more(c);
+    })
+    .await;
+    let cookie = dev_session(&app, PATIENT).await;
+    (double, app, cookie)
+}
+
 fn llm_config(double: &LlmDouble) -> LlmConfig {
     LlmConfig {
         enabled: true,
@@ -566,8 +592,6 @@ fn llm_config(double: &LlmDouble) -> LlmConfig {
 
 #[tokio::test]
 async fn the_model_reads_masked_notes_and_only_facts_it_can_quote_are_kept() {
-    let double = ehr().await;
-    sign_encounter(&double, "enc-1", PATIENT, Some(note_attachment(NOTE)));
     let llm = LlmDouble::start(LlmMode::Facts(vec![
         json!({"kind": "conservative_therapy", "value": "physical_therapy", "days": 56, "date": null,
             "quote": "Completed 8 weeks of PT"}),
@@ -575,24 +599,8 @@ async fn the_model_reads_masked_notes_and_only_facts_it_can_quote_are_kept() {
             "quote": "history of metastatic prostate cancer"}),
     ]))
     .await;
-    let app = TestApp::start_with(|c| {
-        configure(c, &double);
-        c.extract.llm = llm_config(&llm);
-    })
-    .await;
-    let cookie = dev_session(&app, PATIENT).await;
-    let ready = item_with_status(&app, &cookie, "ready").await;
-    let (_, detail) = api(
-        &app,
-        &cookie,
-        reqwest::Method::GET,
-        &format!(
-            "/app/api/transactions/{}",
-            ready["id"].as_str().expect("id")
-        ),
-        None,
-    )
-    .await;
+    let (_double, app, cookie) = signed_encounter_app(|c| c.extract.llm = llm_config(&llm)).await;
+    let detail = ready_detail(&app, &cookie).await;
     assert_eq!(detail["extractor"], "llm");
     let facts = detail["facts"].as_array().expect("facts");
     assert_eq!(
@@ -631,27 +639,10 @@ async fn the_model_reads_masked_notes_and_only_facts_it_can_quote_are_kept() {
 #[tokio::test]
 async fn a_failing_model_falls_back_to_the_rules_and_says_so() {
     for mode in [LlmMode::NotJson, LlmMode::Slow(Duration::from_secs(5))] {
-        let double = ehr().await;
-        sign_encounter(&double, "enc-1", PATIENT, Some(note_attachment(NOTE)));
         let llm = LlmDouble::start(mode.clone()).await;
-        let app = TestApp::start_with(|c| {
-            configure(c, &double);
-            c.extract.llm = llm_config(&llm);
-        })
-        .await;
-        let cookie = dev_session(&app, PATIENT).await;
-        let ready = item_with_status(&app, &cookie, "ready").await;
-        let (_, detail) = api(
-            &app,
-            &cookie,
-            reqwest::Method::GET,
-            &format!(
-                "/app/api/transactions/{}",
-                ready["id"].as_str().expect("id")
-            ),
-            None,
-        )
-        .await;
+        let (_double, app, cookie) =
+            signed_encounter_app(|c| c.extract.llm = llm_config(&llm)).await;
+        let detail = ready_detail(&app, &cookie).await;
         let extractor = detail["extractor"].as_str().expect("extractor");
         assert!(
             extractor.starts_with("rules (the LLM failed"),
@@ -736,14 +727,7 @@ async fn a_ready_item_survives_a_restart_and_submits_after_it() {
 
 #[tokio::test]
 async fn drafts_expire_and_other_patients_items_stay_out_of_sight() {
-    let double = ehr().await;
-    sign_encounter(&double, "enc-1", PATIENT, Some(note_attachment(NOTE)));
-    let app = TestApp::start_with(|c| {
-        configure(c, &double);
-        c.pipeline.draft_ttl_secs = 1;
-    })
-    .await;
-    let cookie = dev_session(&app, PATIENT).await;
+    let (_double, app, cookie) = signed_encounter_app(|c| c.pipeline.draft_ttl_secs = 1).await;
     let ready = item_with_status(&app, &cookie, "ready").await;
     let id = ready["id"].as_str().expect("id");
     let other = dev_session(&app, "someone-else").await;
@@ -789,14 +773,7 @@ async fn drafts_expire_and_other_patients_items_stay_out_of_sight() {
 
 #[tokio::test]
 async fn sse_resumes_from_the_last_event_id() {
-    let double = ehr().await;
-    sign_encounter(&double, "enc-1", PATIENT, Some(note_attachment(NOTE)));
-    let app = TestApp::start_with(|c| {
-        configure(c, &double);
-        c.pipeline.heartbeat_secs = 1;
-    })
-    .await;
-    let cookie = dev_session(&app, PATIENT).await;
+    let (_double, app, cookie) = signed_encounter_app(|c| c.pipeline.heartbeat_secs = 1).await;
     let mut events = Events::open(&app, &cookie, None).await;
     let (id, ready) = events.next("transaction.ready").await;
     events.next("heartbeat").await;
