@@ -95,6 +95,9 @@ pub struct ReviewAppConfig {
     pub dev_login: bool,
     /// Hours a review session lasts at most.
     pub session_hours: u64,
+    /// Origins allowed to frame the page besides the tenants' `iss` origins (the EHR's UI, when
+    /// it is served from another origin than its FHIR API).
+    pub frame_ancestors: Vec<String>,
 }
 
 impl Default for ReviewAppConfig {
@@ -104,6 +107,7 @@ impl Default for ReviewAppConfig {
             scopes: "launch openid fhirUser patient/*.read".into(),
             dev_login: false,
             session_hours: 8,
+            frame_ancestors: Vec::new(),
         }
     }
 }

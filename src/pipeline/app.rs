@@ -31,6 +31,8 @@ pub const SESSIONS: &str = "pipeline_sessions";
 /// Launches between authorize and callback, by the SHA-256 of their `state`.
 pub const LAUNCHES: &str = "pipeline_launches";
 const COOKIE: &str = "fhirgate_review";
+/// Ties a launch to the browser that started it.
+const LAUNCH_COOKIE: &str = "fhirgate_launch";
 /// A launch must come back from the EHR within this long (microseconds).
 const LAUNCH_TTL_MICROS: i64 = 10 * 60 * 1_000_000;
 
@@ -62,6 +64,10 @@ struct Launch {
     verifier: String,
     token_endpoint: String,
     created: i64,
+    /// The hash of the launch cookie given to the browser that started it: the callback must
+    /// come back to that browser (no one can finish their own launch in someone else's).
+    #[serde(default)]
+    browser: String,
 }
 
 fn digest(value: &str) -> String {
@@ -87,15 +93,34 @@ async fn keep(
 }
 
 fn cookie_value(headers: &HeaderMap) -> Option<String> {
+    named_cookie(headers, COOKIE)
+}
+
+/// A cookie of ours: 64 hex digits, or nothing.
+fn named_cookie(headers: &HeaderMap, cookie: &str) -> Option<String> {
     headers
         .get_all(header::COOKIE)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(';'))
         .filter_map(|pair| pair.trim().split_once('='))
-        .find(|(name, _)| *name == COOKIE)
+        .find(|(name, _)| *name == cookie)
         .map(|(_, value)| value.to_owned())
         .filter(|v| v.len() == 64 && v.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
+/// Cookie attributes: inside an EHR's frame the page is a third party, and only
+/// `SameSite=None` cookies reach it, which must be `Secure`; plain-HTTP development keeps `Lax`.
+fn cookie_attributes(pipeline: &Pipeline, path: &str, max_age: Option<i64>) -> String {
+    let mut attributes = if pipeline.public_base.starts_with("https://") {
+        format!("HttpOnly; Secure; SameSite=None; Partitioned; Path={path}")
+    } else {
+        format!("HttpOnly; SameSite=Lax; Path={path}")
+    };
+    if let Some(seconds) = max_age {
+        attributes.push_str(&format!("; Max-Age={seconds}"));
+    }
+    attributes
 }
 
 /// Deletes review sessions past their end and launches that never came back.
@@ -198,8 +223,40 @@ fn page(mut response: Response) -> Response {
     response
 }
 
-async fn index() -> Response {
-    page(Html(INDEX).into_response())
+/// The review page. Only the tenants' EHRs (and `pipeline.app.frame_ancestors`) may frame it,
+/// so no other site can overlay it and trick a click on Submit.
+async fn index(State(pipeline): State<Arc<Pipeline>>) -> Response {
+    let mut response = page(Html(INDEX).into_response());
+    if let Ok(csp) = HeaderValue::from_str(&format!(
+        "{CSP}; frame-ancestors 'self' {}",
+        frame_ancestors(&pipeline).join(" ")
+    )) {
+        response
+            .headers_mut()
+            .insert(header::CONTENT_SECURITY_POLICY, csp);
+    }
+    response
+}
+
+/// The origins that may frame the page: each tenant's `iss`, and the configured ones.
+fn frame_ancestors(pipeline: &Pipeline) -> Vec<String> {
+    let mut origins: Vec<String> = pipeline
+        .tenants
+        .values()
+        .filter_map(|t| {
+            let url = reqwest::Url::parse(&t.iss).ok()?;
+            Some(url.origin().ascii_serialization())
+        })
+        .chain(pipeline.config.app.frame_ancestors.iter().cloned())
+        .filter(|o| {
+            !o.is_empty()
+                && o.chars()
+                    .all(|c| !c.is_whitespace() && c != ';' && c != ',')
+        })
+        .collect();
+    origins.sort();
+    origins.dedup();
+    origins
 }
 
 /// A plain page saying what went wrong with a launch.
@@ -272,12 +329,14 @@ async fn launch(
     let _ = aws_lc_rs::rand::fill(&mut verifier);
     let verifier = base64url(&verifier);
     let challenge = base64url(&sha2::Sha256::digest(verifier.as_bytes()));
+    let browser = random_token();
     let record = Launch {
         tenant: tenant.name.clone(),
         iss: iss.clone(),
         verifier,
         token_endpoint: configuration.1,
         created: now_micros(),
+        browser: digest(&browser),
     };
     if let Err(e) = keep(pipeline.as_ref(), LAUNCHES, &state, &record).await {
         tracing::warn!(error = %e, "a launch could not be recorded");
@@ -308,6 +367,14 @@ async fn launch(
     };
     let mut response =
         Redirect::to(&format!("{}{separator}{query}", configuration.0)).into_response();
+    let attributes = cookie_attributes(
+        &pipeline,
+        "/app/callback",
+        Some(LAUNCH_TTL_MICROS / 1_000_000),
+    );
+    if let Ok(cookie) = HeaderValue::from_str(&format!("{LAUNCH_COOKIE}={browser}; {attributes}")) {
+        response.headers_mut().insert(header::SET_COOKIE, cookie);
+    }
     response.extensions_mut().insert(AuditNote(format!(
         "review launch for tenant {}",
         tenant.name
@@ -352,6 +419,7 @@ struct CallbackQuery {
 /// `GET /app/callback`: the code comes back; exchange it, open a session, show the page.
 async fn callback(
     State(pipeline): State<Arc<Pipeline>>,
+    headers: HeaderMap,
     Query(query): Query<CallbackQuery>,
 ) -> Response {
     let Some(state) = query.state.filter(|s| !s.is_empty()) else {
@@ -370,7 +438,11 @@ async fn callback(
         .store
         .kv_apply(vec![KvOp::delete(LAUNCHES, key)])
         .await;
-    let Some(launch) = found.filter(|l| now_micros() - l.created < LAUNCH_TTL_MICROS) else {
+    let browser = named_cookie(&headers, LAUNCH_COOKIE).map(|b| digest(&b));
+    let Some(launch) = found.filter(|l| {
+        now_micros() - l.created < LAUNCH_TTL_MICROS
+            && browser.as_deref() == Some(l.browser.as_str())
+    }) else {
         return problem(
             StatusCode::BAD_REQUEST,
             "This launch has expired or is not valid.",
@@ -473,14 +545,7 @@ async fn open_session(pipeline: &Pipeline, session: Session) -> Response {
             "The server could not open the session; try again.",
         );
     }
-    let secure = pipeline.public_base.starts_with("https://");
-    // Inside an EHR's frame the page is a third party: only `SameSite=None` cookies reach it,
-    // and those must be `Secure`. Plain-HTTP development keeps `Lax`.
-    let attributes = if secure {
-        "HttpOnly; Secure; SameSite=None; Partitioned; Path=/"
-    } else {
-        "HttpOnly; SameSite=Lax; Path=/"
-    };
+    let attributes = cookie_attributes(pipeline, "/", None);
     let mut response = Redirect::to("/app/").into_response();
     if let Ok(cookie) = HeaderValue::from_str(&format!("{COOKIE}={token}; {attributes}")) {
         response.headers_mut().insert(header::SET_COOKIE, cookie);

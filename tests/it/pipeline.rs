@@ -839,12 +839,50 @@ async fn a_smart_launch_opens_a_session_for_the_launch_patient_and_bad_launches_
         authorize.starts_with(&format!("{}/authorize?", smart.origin)),
         "{authorize}"
     );
+    let launch_cookie = launch.headers()["set-cookie"]
+        .to_str()
+        .expect("launch cookie")
+        .split(';')
+        .next()
+        .expect("pair")
+        .to_owned();
     let back = client.get(&authorize).send().await.expect("authorize");
     let callback = back.headers()["location"]
         .to_str()
         .expect("callback")
         .to_owned();
-    let opened = client.get(&callback).send().await.expect("callback");
+    // Another browser (an attacker handing over their own launch) cannot finish it.
+    let elsewhere = client.get(&callback).send().await.expect("callback");
+    assert_eq!(elsewhere.status(), StatusCode::BAD_REQUEST);
+    // The launch was used up by that attempt: launch again, in this browser.
+    let launch = client
+        .get(app.url(&format!("/app/launch?iss={}&launch=xyz", smart.iss())))
+        .send()
+        .await
+        .expect("launch");
+    let launch_cookie_again = launch.headers()["set-cookie"]
+        .to_str()
+        .expect("launch cookie")
+        .split(';')
+        .next()
+        .expect("pair")
+        .to_owned();
+    assert_ne!(launch_cookie, launch_cookie_again);
+    let authorize = launch.headers()["location"]
+        .to_str()
+        .expect("location")
+        .to_owned();
+    let back = client.get(&authorize).send().await.expect("authorize");
+    let callback = back.headers()["location"]
+        .to_str()
+        .expect("callback")
+        .to_owned();
+    let opened = client
+        .get(&callback)
+        .header("cookie", &launch_cookie_again)
+        .send()
+        .await
+        .expect("callback");
     assert_eq!(opened.status(), StatusCode::SEE_OTHER);
     assert_eq!(opened.headers()["location"], "/app/");
     let cookie = opened.headers()["set-cookie"]
@@ -870,7 +908,12 @@ async fn a_smart_launch_opens_a_session_for_the_launch_patient_and_bad_launches_
     assert!(smart.problems().is_empty(), "{:?}", smart.problems());
 
     // The same state again, a made-up state, an unknown EHR, development sign-in when off.
-    let again = client.get(&callback).send().await.expect("callback again");
+    let again = client
+        .get(&callback)
+        .header("cookie", &launch_cookie_again)
+        .send()
+        .await
+        .expect("callback again");
     assert_eq!(again.status(), StatusCode::BAD_REQUEST);
     assert!(again.headers()["content-type"]
         .to_str()
@@ -900,8 +943,12 @@ async fn a_smart_launch_opens_a_session_for_the_launch_patient_and_bad_launches_
         .expect("dev");
     assert_eq!(dev.status(), StatusCode::NOT_FOUND);
     let page = client.get(app.url("/app/")).send().await.expect("page");
-    assert!(page.headers()["content-security-policy"]
+    let csp = page.headers()["content-security-policy"]
         .to_str()
-        .expect("csp")
-        .contains("default-src 'self'"));
+        .expect("csp");
+    assert!(csp.contains("default-src 'self'"), "{csp}");
+    assert!(
+        csp.contains(&format!("frame-ancestors 'self' {}", smart.origin)),
+        "only the EHR may frame the page: {csp}"
+    );
 }
