@@ -284,6 +284,13 @@ where
         "fhirgate ready"
     );
     let listener = http::CappedListener::new(listener, config.server.max_connections);
+    // Event streams never end by themselves: they are closed as soon as the shutdown starts,
+    // so open review pages do not hold it for the whole grace period.
+    let pipeline = app.pipeline.clone();
+    let shutdown = async move {
+        shutdown.await;
+        pipeline.events.close();
+    };
     let served = http::serve(
         listener,
         app.router,

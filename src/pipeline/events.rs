@@ -23,6 +23,8 @@ use tokio::sync::broadcast;
 use super::{Pipeline, Transaction};
 
 const KEPT: usize = 1024;
+/// The notice that ends every stream.
+const CLOSING: &str = "closing";
 
 /// One notification.
 #[derive(Debug)]
@@ -124,6 +126,19 @@ impl Hub {
             .collect()
     }
 
+    /// Ends every stream (at shutdown, so open review pages do not hold it for the grace
+    /// period; they reconnect to the next process by themselves).
+    pub fn close(&self) {
+        let _ = self.sender.send(Arc::new(Notice {
+            id: None,
+            name: CLOSING,
+            tenant: String::new(),
+            patient_hash: String::new(),
+            practitioners: Vec::new(),
+            data: String::new(),
+        }));
+    }
+
     /// Connections listening now.
     pub fn listeners(&self) -> usize {
         self.sender.receiver_count()
@@ -171,6 +186,7 @@ fn stream(
         futures_util::stream::unfold((receiver, filter), |(mut receiver, filter)| async move {
             loop {
                 match receiver.recv().await {
+                    Ok(notice) if notice.name == CLOSING => return None,
                     Ok(notice) if filter.wants(&notice) => {
                         return Some((Ok(event_of(&notice)), (receiver, filter)))
                     }
