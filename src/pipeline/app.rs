@@ -123,6 +123,15 @@ fn cookie_attributes(pipeline: &Pipeline, path: &str, max_age: Option<i64>) -> S
     attributes
 }
 
+/// " by Practitioner/…" for audit notes, when the session knows its clinician.
+fn by(session: &Session) -> String {
+    session
+        .practitioner
+        .as_deref()
+        .map(|p| format!(" by {p}"))
+        .unwrap_or_default()
+}
+
 /// Deletes review sessions past their end and launches that never came back.
 pub async fn forget_expired(pipeline: &Pipeline) -> Result<(), crate::store::StoreError> {
     let now = now_micros();
@@ -554,11 +563,7 @@ async fn open_session(pipeline: &Pipeline, session: Session) -> Response {
         "review session opened ({}) for tenant {}{}",
         session.mode,
         session.tenant,
-        session
-            .practitioner
-            .as_deref()
-            .map(|p| format!(" by {p}"))
-            .unwrap_or_default()
+        by(&session)
     )));
     response
 }
@@ -833,14 +838,9 @@ async fn submit_one(
         Err(SubmitError::Conflict(why)) => json_error(StatusCode::CONFLICT, why),
         Err(e) => json_error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
     };
-    response.extensions_mut().insert(AuditNote(format!(
-        "submit of {id}{}",
-        session
-            .practitioner
-            .as_deref()
-            .map(|p| format!(" by {p}"))
-            .unwrap_or_default()
-    )));
+    response
+        .extensions_mut()
+        .insert(AuditNote(format!("submit of {id}{}", by(&session))));
     response
 }
 
