@@ -222,16 +222,20 @@ impl App {
                 log: audit.clone(),
                 fhir_base: format!("{}/fhir", public_base.trim_end_matches('/')),
             })))
-            .layer(axum::middleware::from_fn_with_state(
-                proxies,
-                server::proxy::route_to_source,
-            ))
+            .layer(http::RouteLabelLayer);
+        // Around the routes, not inside each of them: the guard runs first, so nothing runs
+        // for a caller before it is allowed; sources' requests leave before routing.
+        let routes = tower::ServiceBuilder::new()
+            .layer(axum::middleware::from_fn_with_state(auth, auth::guard))
             .layer(axum::middleware::from_fn_with_state(
                 pas,
                 pas::subscription::intercept_create,
             ))
-            // Outermost of the routes' layers: nothing runs for a caller before it is allowed.
-            .layer(axum::middleware::from_fn_with_state(auth, auth::guard));
+            .layer(axum::middleware::from_fn_with_state(
+                proxies,
+                server::proxy::route_to_source,
+            ))
+            .service(routes);
         Ok(Self {
             router: http::app(routes, &config.server),
             store,
@@ -298,6 +302,7 @@ where
         http::ServeOptions {
             grace: Duration::from_secs(config.server.shutdown_grace_secs),
             header_read_timeout: Duration::from_secs(config.server.header_read_timeout_secs.max(1)),
+            workers: config.server.workers,
             tls,
         },
     )

@@ -161,6 +161,8 @@ enum Message {
 /// The log's writer.
 pub struct AuditLog {
     tx: mpsc::Sender<Message>,
+    /// Rung after a message someone waits for, so the writer stops gathering for it.
+    urgent: Arc<tokio::sync::Notify>,
     store: Arc<dyn Store>,
     writer: Mutex<Option<tokio::task::JoinHandle<()>>>,
     pruner: Mutex<Option<tokio::task::JoinHandle<()>>>,
@@ -173,7 +175,8 @@ impl AuditLog {
             .await?
             .unwrap_or_else(Link::genesis);
         let (tx, rx) = mpsc::channel(8192);
-        let writer = tokio::spawn(write_loop(store.clone(), head, rx));
+        let urgent = Arc::new(tokio::sync::Notify::new());
+        let writer = tokio::spawn(write_loop(store.clone(), head, rx, urgent.clone()));
         let pruner = (retention_days > 0).then(|| {
             let store = store.clone();
             tokio::spawn(async move {
@@ -193,6 +196,7 @@ impl AuditLog {
         });
         Ok(Arc::new(Self {
             tx,
+            urgent,
             store,
             writer: Mutex::new(Some(writer)),
             pruner: Mutex::new(pruner),
@@ -230,7 +234,9 @@ impl AuditLog {
             committed: Some(done),
             durable,
         };
-        if self.tx.send(Message::Entry(submission)).await.is_err() || committed.await.is_err() {
+        let sent = self.tx.send(Message::Entry(submission)).await.is_ok();
+        self.urgent.notify_one();
+        if !sent || committed.await.is_err() {
             tracing::error!("audit record after the log closed");
         }
     }
@@ -239,6 +245,7 @@ impl AuditLog {
     pub async fn flush(&self) {
         let (done, flushed) = oneshot::channel();
         if self.tx.send(Message::Flush(done)).await.is_ok() {
+            self.urgent.notify_one();
             let _ = flushed.await;
         }
     }
@@ -301,7 +308,12 @@ const FLUSH_EVERY: Duration = Duration::from_secs(1);
 /// How long records nobody waits for gather before they are committed.
 const GATHER: Duration = Duration::from_millis(5);
 
-async fn write_loop(store: Arc<dyn Store>, mut head: Link, mut rx: mpsc::Receiver<Message>) {
+async fn write_loop(
+    store: Arc<dyn Store>,
+    mut head: Link,
+    mut rx: mpsc::Receiver<Message>,
+    urgent: Arc<tokio::sync::Notify>,
+) {
     let mut batch: Vec<Submission> = Vec::with_capacity(BATCH);
     let mut flushes: Vec<oneshot::Sender<()>> = Vec::new();
     // Commits made without flushing, and when the disk last had everything.
@@ -337,24 +349,20 @@ async fn write_loop(store: Arc<dyn Store>, mut head: Link, mut rx: mpsc::Receive
             }
         }
         // Records nobody waits for (reads, results) gather for a moment, so a busy server
-        // makes one commit of many records instead of many commits of a few.
+        // makes one commit of many records instead of many commits of a few. The writer
+        // sleeps meanwhile rather than wake for each record (the requests that send them run
+        // on other threads); a record someone waits for, or a flush, ends the wait early.
         let waited_on = |s: &Submission| s.committed.is_some() || s.durable;
         if flushes.is_empty() && !batch.iter().any(waited_on) {
-            let until = tokio::time::Instant::now() + GATHER;
+            tokio::select! {
+                () = tokio::time::sleep(GATHER) => {}
+                () = urgent.notified() => {}
+            }
             while batch.len() < BATCH {
-                match tokio::time::timeout_at(until, rx.recv()).await {
-                    Ok(Some(Message::Entry(submission))) => {
-                        let urgent = waited_on(&submission);
-                        batch.push(submission);
-                        if urgent {
-                            break;
-                        }
-                    }
-                    Ok(Some(Message::Flush(done))) => {
-                        flushes.push(done);
-                        break;
-                    }
-                    _ => break,
+                match rx.try_recv() {
+                    Ok(Message::Entry(submission)) => batch.push(submission),
+                    Ok(Message::Flush(done)) => flushes.push(done),
+                    Err(_) => break,
                 }
             }
         }

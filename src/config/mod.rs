@@ -540,6 +540,9 @@ pub struct ServerConfig {
     pub rate_limit_per_sec: u32,
     /// Requests a caller may make at once above its rate.
     pub rate_limit_burst: u32,
+    /// Threads serving connections, each with its own event loop (a connection stays on one
+    /// thread); `0` means one per CPU core.
+    pub workers: usize,
     /// Serve HTTPS instead of HTTP.
     pub tls: Option<TlsConfig>,
 }
@@ -574,6 +577,7 @@ impl Default for ServerConfig {
             max_header_bytes: 32 * 1024,
             rate_limit_per_sec: 1000,
             rate_limit_burst: 2000,
+            workers: 0,
             tls: None,
         }
     }
@@ -737,6 +741,7 @@ impl Config {
                 "server__header_read_timeout_secs" => {
                     self.server.header_read_timeout_secs = parse(&value).map_err(bad)?
                 }
+                "server__workers" => self.server.workers = parse(&value).map_err(bad)?,
                 "server__max_header_bytes" => {
                     self.server.max_header_bytes = parse(&value).map_err(bad)?
                 }

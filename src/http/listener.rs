@@ -32,7 +32,44 @@ impl CappedListener {
 /// A connection and the permit it holds.
 pub struct CappedStream {
     stream: TcpStream,
+    slot: Slot,
+}
+
+/// A connection's place among the open ones: given back (and counted) when dropped.
+struct Slot {
     _permit: OwnedSemaphorePermit,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        metrics::gauge!("fhirgate_http_open_connections").decrement(1.0);
+    }
+}
+
+/// A connection on its way to the thread that will serve it: detached from the event loop
+/// that accepted it, still holding its place.
+pub struct Handoff {
+    stream: std::net::TcpStream,
+    slot: Slot,
+}
+
+impl CappedStream {
+    pub fn handoff(self) -> io::Result<Handoff> {
+        Ok(Handoff {
+            stream: self.stream.into_std()?,
+            slot: self.slot,
+        })
+    }
+}
+
+impl Handoff {
+    /// The connection registered with the event loop of the calling thread.
+    pub fn into_stream(self) -> io::Result<CappedStream> {
+        Ok(CappedStream {
+            stream: TcpStream::from_std(self.stream)?,
+            slot: self.slot,
+        })
+    }
 }
 
 impl axum::serve::Listener for CappedListener {
@@ -52,7 +89,7 @@ impl axum::serve::Listener for CappedListener {
                     return (
                         CappedStream {
                             stream,
-                            _permit: permit,
+                            slot: Slot { _permit: permit },
                         },
                         addr,
                     );
@@ -78,12 +115,6 @@ pub struct Peer {
     pub addr: SocketAddr,
     /// The SHA-256 (hex) of the verified TLS client certificate, if one was presented.
     pub client_cert: Option<String>,
-}
-
-impl Drop for CappedStream {
-    fn drop(&mut self) {
-        metrics::gauge!("fhirgate_http_open_connections").decrement(1.0);
-    }
 }
 
 /// The HTTP/2 connection preface.

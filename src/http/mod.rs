@@ -1,15 +1,17 @@
 //! The HTTP server: routes of every area, the middleware stack, and graceful shutdown.
 //!
-//! All middleware is assembled in [`app`], so the order is visible in one place. From the
-//! outside in: request id → trace log → metrics → bare errors as OperationOutcome → panic
-//! guard → time limit on reads (and on receiving write bodies) → body limit → handler, with
+//! All middleware is assembled in [`app`], so the order is visible in one place, and wraps
+//! the application once (not each route). From the outside in: request id → trace log →
+//! metrics → bare errors as OperationOutcome → panic guard → time limit on reads (and on receiving write bodies) → body limit → handler, with
 //! oversized headers refused just inside the metrics.
 
 mod listener;
 pub mod ops;
 pub mod tls;
 
+use std::collections::HashMap;
 use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -54,42 +56,37 @@ pub fn metrics_handle() -> PrometheusHandle {
         .clone()
 }
 
-/// Merges the area routers and wraps them in the middleware stack. Each `layer` call wraps
-/// everything before it, so the list reads from the innermost layer to the outermost.
-pub fn app(routes: Router, config: &ServerConfig) -> Router {
-    routes
-        .layer(DefaultBodyLimit::max(config.max_body_bytes))
-        .layer(middleware::from_fn_with_state(
-            config.request_timeout(),
-            time_limit_reads,
-        ))
-        .layer(CatchPanicLayer::custom(panic_response))
-        .layer(middleware::map_response(bare_errors_as_outcomes))
-        .layer(middleware::from_fn_with_state(
-            config.max_header_bytes,
-            limit_headers,
-        ))
-        .layer(middleware::from_fn(record_metrics))
-        .layer(PropagateRequestIdLayer::new(REQUEST_ID))
+/// Wraps the application (the routes with the guard around them) in the middleware stack,
+/// once around the whole rather than around each route, so a request pays for each layer
+/// once. The list reads from the outermost layer to the innermost.
+pub fn app<S>(inner: S, config: &ServerConfig) -> Router
+where
+    S: tower::Service<Request, Response = Response, Error = std::convert::Infallible>
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    S::Future: Send + 'static,
+{
+    let stack = tower::ServiceBuilder::new()
+        .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
         .layer(
             TraceLayer::new_for_http()
                 .make_span_with(|request: &Request<Body>| {
-                    let route = request
-                        .extensions()
-                        .get::<MatchedPath>()
-                        .map_or("unmatched", MatchedPath::as_str);
                     let request_id = request
                         .headers()
                         .get(&REQUEST_ID)
                         .and_then(|v| v.to_str().ok())
                         .unwrap_or_default();
-                    // Only the route template: paths and query strings can carry identifiers.
-                    tracing::info_span!("request", method = %request.method(), route, request_id)
+                    tracing::info_span!("request", method = %request.method(), request_id)
                 })
                 .on_request(())
                 .on_response(
                     |response: &Response, latency: Duration, _span: &tracing::Span| {
+                        // Only the route template: paths and query strings can carry
+                        // identifiers.
                         tracing::info!(
+                            route = route_of(response),
                             status = response.status().as_u16(),
                             latency_us = latency.as_micros() as u64,
                             "served"
@@ -98,7 +95,91 @@ pub fn app(routes: Router, config: &ServerConfig) -> Router {
                 )
                 .on_failure(()),
         )
-        .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
+        .layer(PropagateRequestIdLayer::new(REQUEST_ID))
+        .layer(middleware::from_fn(record_metrics))
+        .layer(middleware::from_fn_with_state(
+            config.max_header_bytes,
+            limit_headers,
+        ))
+        .layer(middleware::map_response(bare_errors_as_outcomes))
+        .map_response(|response: http::Response<_>| response.map(Body::new))
+        .layer(CatchPanicLayer::custom(panic_response))
+        .layer(middleware::from_fn_with_state(
+            config.request_timeout(),
+            time_limit_reads,
+        ))
+        .layer(DefaultBodyLimit::max(config.max_body_bytes))
+        .service(inner);
+    Router::new().fallback_service(stack)
+}
+
+/// The route a response came from, as a template (`/fhir/{type}/{id}`), for logs and metrics.
+#[derive(Clone)]
+pub enum RouteName {
+    Matched(MatchedPath),
+    Fixed(&'static str),
+}
+
+impl RouteName {
+    pub fn as_str(&self) -> &str {
+        match self {
+            Self::Matched(path) => path.as_str(),
+            Self::Fixed(name) => name,
+        }
+    }
+}
+
+fn route_of(response: &Response) -> &str {
+    response
+        .extensions()
+        .get::<RouteName>()
+        .map_or("unmatched", RouteName::as_str)
+}
+
+/// Labels each routed response with its route's template ([`RouteName`]), so the layers
+/// around the router can tell routes apart without routing again.
+#[derive(Clone, Copy)]
+pub struct RouteLabelLayer;
+
+impl<S> tower::Layer<S> for RouteLabelLayer {
+    type Service = RouteLabel<S>;
+    fn layer(&self, inner: S) -> RouteLabel<S> {
+        RouteLabel(inner)
+    }
+}
+
+#[derive(Clone)]
+pub struct RouteLabel<S>(S);
+
+impl<S> tower::Service<Request> for RouteLabel<S>
+where
+    S: tower::Service<Request, Response = Response, Error = std::convert::Infallible>,
+    S::Future: Send + 'static,
+{
+    type Response = Response;
+    type Error = std::convert::Infallible;
+    type Future = futures_util::future::BoxFuture<'static, Result<Response, Self::Error>>;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request) -> Self::Future {
+        let matched = request.extensions().get::<MatchedPath>().cloned();
+        let answer = self.0.call(request);
+        Box::pin(async move {
+            let mut response = answer.await?;
+            if let Some(matched) = matched {
+                response
+                    .extensions_mut()
+                    .insert(RouteName::Matched(matched));
+            }
+            Ok(response)
+        })
+    }
 }
 
 /// Bounds the time of reads (`GET`, `HEAD`). Writes are not cut off: once queued, a write is
@@ -169,10 +250,6 @@ async fn limit_headers(
 }
 
 async fn record_metrics(request: Request, next: Next) -> Response {
-    let route = request
-        .extensions()
-        .get::<MatchedPath>()
-        .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
     // Only standard methods become label values, so clients cannot mint new series.
     let method = match *request.method() {
         http::Method::GET => "GET",
@@ -186,12 +263,52 @@ async fn record_metrics(request: Request, next: Next) -> Response {
     };
     let started = Instant::now();
     let response = next.run(request).await;
-    let status = response.status().as_u16().to_string();
-    metrics::counter!("fhirgate_http_requests_total", "method" => method, "route" => route.clone(), "status" => status)
-        .increment(1);
-    metrics::histogram!("fhirgate_http_request_duration_seconds", "method" => method, "route" => route)
-        .record(started.elapsed().as_secs_f64());
+    let route = intern(route_of(&response));
+    let status = response.status().as_u16();
+    // The handles of a method, route and status are looked up once per thread.
+    thread_local! {
+        static HANDLES: std::cell::RefCell<HashMap<RequestSeries, SeriesHandles>> =
+            Default::default();
+    }
+    let (count, duration) = HANDLES.with_borrow_mut(|handles| {
+        handles
+            .entry((method, route, status))
+            .or_insert_with(|| {
+                let label = crate::remote::status_label(status);
+                (
+                    metrics::counter!("fhirgate_http_requests_total", "method" => method, "route" => route, "status" => label),
+                    metrics::histogram!("fhirgate_http_request_duration_seconds", "method" => method, "route" => route),
+                )
+            })
+            .clone()
+    });
+    count.increment(1);
+    duration.record(started.elapsed().as_secs_f64());
     response
+}
+
+/// A method, route and status: one series of the request metrics.
+type RequestSeries = (&'static str, &'static str, u16);
+type SeriesHandles = (metrics::Counter, metrics::Histogram);
+
+/// Route templates as `'static` metric labels: there are as many as there are routes, so each
+/// is kept once for the life of the process.
+fn intern(route: &str) -> &'static str {
+    static ROUTES: OnceLock<std::sync::RwLock<std::collections::HashSet<&'static str>>> =
+        OnceLock::new();
+    let routes = ROUTES.get_or_init(Default::default);
+    if let Some(found) = routes.read().ok().and_then(|set| set.get(route).copied()) {
+        return found;
+    }
+    let Ok(mut set) = routes.write() else {
+        return "unmatched";
+    };
+    if let Some(found) = set.get(route) {
+        return found;
+    }
+    let leaked: &'static str = Box::leak(route.to_owned().into_boxed_str());
+    set.insert(leaked);
+    leaked
 }
 
 /// Errors produced outside the handlers (unknown route, wrong method, timeout, body limit,
@@ -254,6 +371,82 @@ pub struct ServeOptions {
     pub header_read_timeout: Duration,
     /// HTTPS when set.
     pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// Threads serving connections (`0`: one per CPU core).
+    pub workers: usize,
+}
+
+/// The threads that serve connections. Each runs its own single-threaded event loop, and a
+/// connection stays on the thread it was given: its requests, and the calls they make to
+/// sources, are handled without waking other threads (a work-stealing pool spends a good part
+/// of a short request moving it between threads). Connections go to the thread with the
+/// fewest open.
+struct Workers {
+    queues: Vec<(tokio::sync::mpsc::UnboundedSender<Job>, Arc<AtomicUsize>)>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+type Job = std::pin::Pin<Box<dyn Future<Output = ()> + Send>>;
+
+impl Workers {
+    fn start(count: usize) -> std::io::Result<Self> {
+        let count = match count {
+            0 => std::thread::available_parallelism().map_or(1, usize::from),
+            n => n,
+        };
+        let mut workers = Self {
+            queues: Vec::with_capacity(count),
+            threads: Vec::with_capacity(count),
+        };
+        for i in 0..count {
+            let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Job>();
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let thread = std::thread::Builder::new()
+                .name(format!("fhirgate-http-{i}"))
+                .spawn(move || {
+                    runtime.block_on(async move {
+                        while let Some(job) = rx.recv().await {
+                            tokio::spawn(job);
+                        }
+                    });
+                    // The queue closes once the server has stopped; connections still open
+                    // have had their grace period and end with the runtime.
+                })?;
+            workers.queues.push((tx, Arc::new(AtomicUsize::new(0))));
+            workers.threads.push(thread);
+        }
+        Ok(workers)
+    }
+
+    /// Runs `job` on the least busy thread.
+    fn run(&self, job: impl Future<Output = ()> + Send + 'static) {
+        let Some((queue, open)) = self
+            .queues
+            .iter()
+            .min_by_key(|(_, open)| open.load(Ordering::Relaxed))
+        else {
+            return;
+        };
+        open.fetch_add(1, Ordering::Relaxed);
+        let open = open.clone();
+        let _ = queue.send(Box::pin(async move {
+            job.await;
+            open.fetch_sub(1, Ordering::Relaxed);
+        }));
+    }
+
+    /// Closes the queues and waits for the threads to finish.
+    async fn stop(self) {
+        drop(self.queues);
+        let threads = self.threads;
+        let _ = tokio::task::spawn_blocking(move || {
+            for thread in threads {
+                let _ = thread.join();
+            }
+        })
+        .await;
+    }
 }
 
 /// Serves `app` on `listener` until `shutdown` completes, then stops accepting and gives
@@ -286,18 +479,29 @@ where
         .keep_alive_timeout(options.header_read_timeout);
     let tls = options.tls.map(tokio_rustls::TlsAcceptor::from);
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let workers = Workers::start(options.workers)?;
     tokio::pin!(shutdown);
     loop {
         let (stream, addr) = tokio::select! {
             accepted = listener.accept() => accepted,
             () = &mut shutdown => break,
         };
+        let stream = match stream.handoff() {
+            Ok(stream) => stream,
+            Err(e) => {
+                tracing::debug!(error = %e, "an accepted connection could not be handed over");
+                continue;
+            }
+        };
         let app = app.clone();
         let builder = builder.clone();
         let watcher = graceful.watcher();
         let tls = tls.clone();
         let handshake_timeout = options.header_read_timeout;
-        tokio::spawn(async move {
+        workers.run(async move {
+            let Ok(stream) = stream.into_stream() else {
+                return;
+            };
             let Some(acceptor) = tls else {
                 // A client that connects and says nothing gives its slot back in time.
                 if !stream.first_bytes(handshake_timeout).await {
@@ -351,6 +555,7 @@ where
             tracing::warn!("in-flight requests did not finish within the grace period");
         }
     }
+    workers.stop().await;
     Ok(())
 }
 

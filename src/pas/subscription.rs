@@ -394,7 +394,8 @@ async fn create(api: Arc<PasApi>, headers: HeaderMap, bytes: Bytes) -> Result<Re
     api.engine.mark_internal(&state.destination());
     tracing::info!(subscription = %id, "subscription requested; handshake follows");
     let task_api = api.clone();
-    tokio::spawn(async move { handshake(task_api, state).await });
+    api.engine
+        .spawn(async move { handshake(task_api, state).await });
     let mut response = json_response(StatusCode::CREATED, &stored);
     if let Ok(location) =
         http::HeaderValue::from_str(&format!("{}/Subscription/{id}", api.base_url))

@@ -4,17 +4,19 @@
 //! come from [`oauth::ClientCredentials`].
 
 mod embedded;
+mod h1;
 pub mod oauth;
 pub mod outbound;
 mod rest_hook;
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use reqwest::{Method, StatusCode};
+use reqwest::Method;
 use serde_json::Value;
 
 pub use embedded::{EmbeddedSink, EmbeddedSource};
@@ -300,6 +302,8 @@ pub struct RemoteFhir {
     transaction: bool,
     upsert: UpsertMode,
     allow_writes: bool,
+    /// The lean client for reads relayed to a plain-HTTP source.
+    h1: Option<Arc<h1::H1>>,
 }
 
 /// The patient-compartment types OpenEMR's FHIR API (7.x) searches by patient.
@@ -426,7 +430,6 @@ impl RemoteFhir {
             .map(|rate| governor::RateLimiter::direct(governor::Quota::per_second(rate)));
         Ok(Self {
             name: name.to_owned(),
-            base,
             kind: Some(config.kind),
             http,
             tokens,
@@ -448,6 +451,13 @@ impl RemoteFhir {
             transaction: false,
             upsert: UpsertMode::Id,
             allow_writes: config.allow_writes,
+            h1: h1::H1::for_base(
+                &base,
+                Duration::from_secs(config.timeout_secs.max(1)),
+                Duration::from_secs(config.timeout_secs.clamp(1, 10)),
+            )
+            .map(Arc::new),
+            base,
         })
     }
 
@@ -503,6 +513,7 @@ impl RemoteFhir {
             transaction: config.transaction,
             upsert: config.upsert,
             allow_writes: true,
+            h1: None,
         })
     }
 
@@ -524,18 +535,7 @@ impl RemoteFhir {
         body: Option<Bytes>,
         extra: &[(http::HeaderName, http::HeaderValue)],
     ) -> Result<reqwest::Response, RemoteError> {
-        let mut refreshed = false;
-        loop {
-            if let Some(limiter) = &self.limiter {
-                limiter.until_ready().await;
-            }
-            let token = match &self.tokens {
-                Some(tokens) => Some(tokens.token().await.inspect_err(|_| {
-                    metrics::counter!("fhirgate_remote_auth_failures_total", "remote" => self.name.clone())
-                        .increment(1);
-                })?),
-                None => None,
-            };
+        let attempt = |token: Option<Arc<str>>| {
             let mut request = self
                 .http
                 .request(method.clone(), url)
@@ -556,14 +556,46 @@ impl RemoteFhir {
                 }
                 request = request.body(body.clone());
             }
-            let response = request.send().await.map_err(|e| {
+            async move {
+                request
+                    .send()
+                    .await
+                    .map_err(|e| RemoteError::Transport(describe(&e)))
+            }
+        };
+        self.authorized(attempt, |r| r.status().as_u16()).await
+    }
+
+    /// Runs `attempt` under the source's rate limit with its bearer token (if it has one);
+    /// on a 401 the token is dropped, a new one fetched, and the attempt made once more.
+    async fn authorized<R, F>(
+        &self,
+        mut attempt: impl FnMut(Option<Arc<str>>) -> F,
+        status: impl Fn(&R) -> u16,
+    ) -> Result<R, RemoteError>
+    where
+        F: std::future::Future<Output = Result<R, RemoteError>>,
+    {
+        let mut refreshed = false;
+        loop {
+            if let Some(limiter) = &self.limiter {
+                limiter.until_ready().await;
+            }
+            let token = match &self.tokens {
+                Some(tokens) => Some(tokens.token().await.inspect_err(|_| {
+                    metrics::counter!("fhirgate_remote_auth_failures_total", "remote" => self.name.clone())
+                        .increment(1);
+                })?),
+                None => None,
+            };
+            let response = attempt(token.clone()).await.inspect_err(|_| {
                 metrics::counter!("fhirgate_remote_requests_total", "remote" => self.name.clone(), "status" => "error")
                     .increment(1);
-                RemoteError::Transport(describe(&e))
             })?;
-            metrics::counter!("fhirgate_remote_requests_total", "remote" => self.name.clone(), "status" => response.status().as_str().to_owned())
+            let code = status(&response);
+            metrics::counter!("fhirgate_remote_requests_total", "remote" => self.name.clone(), "status" => status_label(code))
                 .increment(1);
-            if response.status() == StatusCode::UNAUTHORIZED && !refreshed {
+            if code == 401 && !refreshed {
                 if let (Some(tokens), Some(token)) = (&self.tokens, &token) {
                     metrics::counter!("fhirgate_remote_auth_failures_total", "remote" => self.name.clone())
                         .increment(1);
@@ -798,7 +830,7 @@ impl RemoteFhir {
         path_and_query: &str,
         body: Option<Bytes>,
         extra: &[(http::HeaderName, http::HeaderValue)],
-    ) -> Result<reqwest::Response, RemoteError> {
+    ) -> Result<http::Response<axum::body::Body>, RemoteError> {
         let (path, query) = path_and_query
             .split_once('?')
             .unwrap_or((path_and_query, ""));
@@ -829,6 +861,22 @@ impl RemoteFhir {
                 );
             }
         }
+        if let (Some(h1), &Method::GET | &Method::HEAD) = (&self.h1, &method) {
+            // The path has no dot segments or encoded slashes (checked above) and is sent as
+            // it is, so it stays under the base.
+            let target = if query.is_empty() {
+                Cow::Borrowed(path)
+            } else {
+                Cow::Owned(format!("{path}?{query}"))
+            };
+            let read = |token: Option<Arc<str>>| {
+                let target = &target;
+                let method = &method;
+                async move { h1.read(method, target, extra, token.as_deref()).await }
+            };
+            let answer = self.authorized(read, |r| r.status().as_u16()).await?;
+            return Ok(answer.map(axum::body::Body::new));
+        }
         let mut url = self.url(path);
         if !query.is_empty() {
             url.push('?');
@@ -847,8 +895,38 @@ impl RemoteFhir {
                 "the path leaves the source's FHIR base".into(),
             ));
         }
-        self.send(method, parsed.as_str(), body, extra).await
+        let answer = self.send(method, parsed.as_str(), body, extra).await?;
+        let status = answer.status();
+        let headers = answer.headers().clone();
+        let mut relayed = http::Response::new(axum::body::Body::from_stream(answer.bytes_stream()));
+        *relayed.status_mut() = status;
+        *relayed.headers_mut() = headers;
+        Ok(relayed)
     }
+}
+
+/// A status code as a metric label, without allocating for the usual ones.
+pub fn status_label(code: u16) -> metrics::SharedString {
+    let known = match code {
+        200 => "200",
+        201 => "201",
+        204 => "204",
+        304 => "304",
+        400 => "400",
+        401 => "401",
+        403 => "403",
+        404 => "404",
+        410 => "410",
+        412 => "412",
+        422 => "422",
+        429 => "429",
+        500 => "500",
+        502 => "502",
+        503 => "503",
+        504 => "504",
+        _ => return metrics::SharedString::from_owned(code.to_string()),
+    };
+    metrics::SharedString::const_str(known)
 }
 
 /// `query` (raw, as the caller wrote it) without the pairs named `name`; the rest stays

@@ -62,10 +62,14 @@ pub async fn route_to_source(
     };
     let below = below.to_owned();
     let name = name.to_owned();
-    match relay(&proxies, &name, &remote, &below, request).await {
+    let mut response = match relay(&proxies, &name, &remote, &below, request).await {
         Ok(response) => response,
         Err(error) => error.into_response(),
-    }
+    };
+    response
+        .extensions_mut()
+        .insert(crate::http::RouteName::Fixed("/fhir/{source}/{*path}"));
+    response
 }
 
 fn is_read(method: &Method, below: &str) -> bool {
@@ -128,23 +132,20 @@ async fn relay(
         .await
         .map_err(|e| upstream_error(name, &e))?;
     let gateway_base = format!("{}/{name}", proxies.base_url);
-    let upstream_base = remote.base_url().to_owned();
-    let status = StatusCode::from_u16(answer.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
+    let (answer, body) = answer.into_parts();
     let mut headers = http::HeaderMap::new();
     for name in &FORWARDED_RESPONSE {
-        if let Some(value) = answer.headers().get(name.as_str()) {
-            if let Ok(value) = HeaderValue::from_bytes(value.as_bytes()) {
-                headers.insert(name.clone(), value);
-            }
+        if let Some(value) = answer.headers.get(name) {
+            headers.insert(name.clone(), value.clone());
         }
     }
     if let Some(location) = answer
-        .headers()
-        .get(header::LOCATION.as_str())
+        .headers
+        .get(header::LOCATION)
         .and_then(|v| v.to_str().ok())
     {
         if let Ok(value) =
-            HeaderValue::from_str(&rebase_url(location, &upstream_base, &gateway_base))
+            HeaderValue::from_str(&rebase_url(location, remote.base_url(), &gateway_base))
         {
             headers.insert(header::LOCATION, value);
         }
@@ -157,15 +158,16 @@ async fn relay(
         // Searches, histories and operations answer with Bundles whose links must stay on
         // the gateway: the source's base is replaced by the gateway's as the body streams.
         Body::from_stream(rebase_stream(
-            answer.bytes_stream(),
-            &upstream_base,
+            body.into_data_stream(),
+            remote.base_url(),
             &gateway_base,
         ))
     } else {
-        Body::from_stream(answer.bytes_stream())
+        // Relayed as it arrives (with its length, when the source gave one).
+        body
     };
     let mut response = Response::new(body);
-    *response.status_mut() = status;
+    *response.status_mut() = answer.status;
     *response.headers_mut() = headers;
     Ok(response)
 }
@@ -212,9 +214,9 @@ fn rebase_stream<S>(
     upstream: S,
     from: &str,
     to: &str,
-) -> impl futures_util::Stream<Item = Result<Bytes, reqwest::Error>> + Send + 'static
+) -> impl futures_util::Stream<Item = Result<Bytes, axum::Error>> + Send + 'static
 where
-    S: futures_util::Stream<Item = Result<Bytes, reqwest::Error>> + Send + Unpin + 'static,
+    S: futures_util::Stream<Item = Result<Bytes, axum::Error>> + Send + Unpin + 'static,
 {
     let patterns = vec![
         (
@@ -299,10 +301,10 @@ mod tests {
         let upstream = futures_util::stream::iter(
             chunks
                 .into_iter()
-                .map(|c| Ok::<Bytes, reqwest::Error>(Bytes::from(c.to_owned())))
+                .map(|c| Ok::<Bytes, axum::Error>(Bytes::from(c.to_owned())))
                 .collect::<Vec<_>>(),
         );
-        let out: Vec<Result<Bytes, reqwest::Error>> =
+        let out: Vec<Result<Bytes, axum::Error>> =
             rebase_stream(upstream, from, to).collect().await;
         let bytes: Vec<u8> = out
             .into_iter()

@@ -83,6 +83,9 @@ pub struct SyncEngine {
     broken: std::sync::atomic::AtomicBool,
     /// Names callers' jobs may not use (see [`Remotes::internal`]).
     internal: RwLock<std::collections::BTreeSet<String>>,
+    /// The runtime the engine started on: its work runs there even when a request (served
+    /// on a connection thread of its own) is what started it.
+    runtime: tokio::runtime::Handle,
 }
 
 impl SyncEngine {
@@ -106,6 +109,7 @@ impl SyncEngine {
             tasks: Mutex::new(Vec::new()),
             broken: std::sync::atomic::AtomicBool::new(false),
             internal: RwLock::new(remotes.internal.clone()),
+            runtime: tokio::runtime::Handle::current(),
         });
         let resume = engine.recover().await?;
         let sinks: Vec<(String, Arc<dyn FhirSink>)> = engine
@@ -122,6 +126,15 @@ impl SyncEngine {
             engine.spawn_expansion(job);
         }
         Ok(engine)
+    }
+
+    /// Runs `task` on the engine's runtime, where it outlives the request that started it.
+    pub fn spawn<F>(&self, task: F) -> JoinHandle<F::Output>
+    where
+        F: std::future::Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        self.runtime.spawn(task)
     }
 
     /// Reserves a source or destination name for fhirgate's own jobs.
@@ -173,7 +186,9 @@ impl SyncEngine {
         let concurrency = self
             .destination_config(&name)
             .map_or(2, |d| d.concurrency.max(1));
-        let handle = tokio::spawn(self.clone().run_lane(name, sink, concurrency));
+        let handle = self
+            .runtime
+            .spawn(self.clone().run_lane(name, sink, concurrency));
         self.lock_tasks().push(handle);
     }
 
@@ -386,7 +401,7 @@ impl SyncEngine {
     }
 
     fn spawn_expansion(self: &Arc<Self>, job: u64) {
-        let handle = tokio::spawn(self.clone().expand(job));
+        let handle = self.runtime.spawn(self.clone().expand(job));
         let mut tasks = self.lock_tasks();
         tasks.retain(|t| !t.is_finished());
         tasks.push(handle);

@@ -186,6 +186,29 @@ pub fn types_of(resources: &[Value]) -> Vec<String> {
         .collect()
 }
 
+/// The answer of `read`, sent again after `Retry-After` while the server says 429: reading
+/// thousands of resources one by one is more than a caller's rate limit allows.
+async fn patiently<F, Fut>(read: F) -> reqwest::Response
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = reqwest::Response>,
+{
+    for _ in 0..10 {
+        let answer = read().await;
+        if answer.status() != StatusCode::TOO_MANY_REQUESTS {
+            return answer;
+        }
+        let wait = answer
+            .headers()
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(1);
+        tokio::time::sleep(Duration::from_secs(wait.min(5))).await;
+    }
+    read().await
+}
+
 /// Every resource of the double, read back from the gateway's embedded store, equal apart
 /// from `meta`.
 async fn assert_all_in_embedded(app: &TestApp, expected: &[Value]) {
@@ -195,7 +218,7 @@ async fn assert_all_in_embedded(app: &TestApp, expected: &[Value]) {
             resource["resourceType"].as_str().expect("type"),
             resource["id"].as_str().expect("id")
         );
-        let (status, stored) = json(app.get(&reference).await).await;
+        let (status, stored) = json(patiently(|| app.get(&reference)).await).await;
         assert_eq!(status, StatusCode::OK, "{reference} missing");
         assert_eq!(
             without_meta(&stored),
@@ -324,11 +347,8 @@ async fn synthea_arrives_in_a_second_fhirgate_process_over_http() {
             resource["resourceType"].as_str().expect("type"),
             resource["id"].as_str().expect("id")
         );
-        let stored: Value = client
-            .get(&url)
-            .send()
+        let stored: Value = patiently(|| async { client.get(&url).send().await.expect("read") })
             .await
-            .expect("read")
             .json()
             .await
             .expect("json");
