@@ -595,7 +595,8 @@ impl ServerConfig {
 pub struct StoreConfig {
     /// Folder for the embedded database (`fhirgate.redb`) and other state.
     pub data_dir: PathBuf,
-    /// Page cache of the embedded database, in MiB.
+    /// Page cache of the embedded database, in MiB. Pages not in it are read from the file
+    /// (and so usually from the operating system's cache), so it mostly bounds memory.
     pub cache_mb: usize,
     pub encryption: EncryptionConfig,
 }
@@ -628,7 +629,7 @@ impl Default for StoreConfig {
     fn default() -> Self {
         Self {
             data_dir: PathBuf::from("./data"),
-            cache_mb: 128,
+            cache_mb: 32,
             encryption: EncryptionConfig::default(),
         }
     }

@@ -375,17 +375,14 @@ pub struct ServeOptions {
     pub workers: usize,
 }
 
-/// The threads that serve connections. Each runs its own single-threaded event loop, and a
-/// connection stays on the thread it was given: its requests, and the calls they make to
-/// sources, are handled without waking other threads (a work-stealing pool spends a good part
-/// of a short request moving it between threads). Connections go to the thread with the
-/// fewest open.
+/// The threads that serve connections. Each runs its own event loop (a runtime of one worker
+/// thread), and a connection stays on the thread it was given: its requests, and the calls
+/// they make to sources, are handled without waking other threads (a work-stealing pool spends
+/// a good part of a short request moving it between threads). Connections go to the thread
+/// with the fewest open.
 struct Workers {
-    queues: Vec<(tokio::sync::mpsc::UnboundedSender<Job>, Arc<AtomicUsize>)>,
-    threads: Vec<std::thread::JoinHandle<()>>,
+    runtimes: Vec<(tokio::runtime::Runtime, Arc<AtomicUsize>)>,
 }
-
-type Job = std::pin::Pin<Box<dyn Future<Output = ()> + Send>>;
 
 impl Workers {
     fn start(count: usize) -> std::io::Result<Self> {
@@ -393,36 +390,26 @@ impl Workers {
             0 => std::thread::available_parallelism().map_or(1, usize::from),
             n => n,
         };
-        let mut workers = Self {
-            queues: Vec::with_capacity(count),
-            threads: Vec::with_capacity(count),
-        };
-        for i in 0..count {
-            let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Job>();
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
-            let thread = std::thread::Builder::new()
-                .name(format!("fhirgate-http-{i}"))
-                .spawn(move || {
-                    runtime.block_on(async move {
-                        while let Some(job) = rx.recv().await {
-                            tokio::spawn(job);
-                        }
-                    });
-                    // The queue closes once the server has stopped; connections still open
-                    // have had their grace period and end with the runtime.
-                })?;
-            workers.queues.push((tx, Arc::new(AtomicUsize::new(0))));
-            workers.threads.push(thread);
-        }
-        Ok(workers)
+        let runtimes = (0..count)
+            .map(|i| {
+                // A multi-thread runtime of one worker rather than a current-thread one: its
+                // worker keeps its run queue while it waits for events, so the tasks those
+                // events wake are queued locally instead of through a system call each.
+                let runtime = tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(1)
+                    .thread_name(format!("fhirgate-http-{i}"))
+                    .enable_all()
+                    .build()?;
+                Ok((runtime, Arc::new(AtomicUsize::new(0))))
+            })
+            .collect::<std::io::Result<_>>()?;
+        Ok(Self { runtimes })
     }
 
     /// Runs `job` on the least busy thread.
     fn run(&self, job: impl Future<Output = ()> + Send + 'static) {
-        let Some((queue, open)) = self
-            .queues
+        let Some((runtime, open)) = self
+            .runtimes
             .iter()
             .min_by_key(|(_, open)| open.load(Ordering::Relaxed))
         else {
@@ -430,19 +417,18 @@ impl Workers {
         };
         open.fetch_add(1, Ordering::Relaxed);
         let open = open.clone();
-        let _ = queue.send(Box::pin(async move {
+        runtime.spawn(async move {
             job.await;
             open.fetch_sub(1, Ordering::Relaxed);
-        }));
+        });
     }
 
-    /// Closes the queues and waits for the threads to finish.
+    /// Stops the threads; connections still open have had their grace period and end here.
     async fn stop(self) {
-        drop(self.queues);
-        let threads = self.threads;
+        let runtimes = self.runtimes;
         let _ = tokio::task::spawn_blocking(move || {
-            for thread in threads {
-                let _ = thread.join();
+            for (runtime, _) in runtimes {
+                runtime.shutdown_timeout(Duration::from_secs(1));
             }
         })
         .await;

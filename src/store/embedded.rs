@@ -96,7 +96,7 @@ enum JobResult {
 
 /// The page cache when none is configured: redb's own default (1 GiB) would let memory grow
 /// far past what a gateway should hold.
-pub const DEFAULT_CACHE_BYTES: usize = 128 << 20;
+pub const DEFAULT_CACHE_BYTES: usize = 32 << 20;
 
 impl EmbeddedStore {
     /// Opens (or creates) `fhirgate.redb` under `data_dir`. After an unclean shutdown redb
