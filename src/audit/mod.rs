@@ -106,10 +106,39 @@ pub struct Record {
 impl Record {
     /// The hash this record should carry.
     pub fn compute_hash(&self) -> String {
-        let mut unhashed = self.clone();
-        unhashed.hash = String::new();
-        let bytes = serde_json::to_vec(&unhashed).unwrap_or_default();
-        crate::hex(&Sha256::digest(&bytes))
+        RecordView::new(self.seq, &self.entry, &self.prev, "").hash()
+    }
+}
+
+/// A [`Record`] made of borrowed parts, serialized exactly like it: the writer chains and
+/// stores entries without copying them.
+#[derive(Serialize)]
+struct RecordView<'a> {
+    seq: u64,
+    #[serde(flatten)]
+    entry: &'a Entry,
+    prev: &'a str,
+    hash: &'a str,
+}
+
+impl<'a> RecordView<'a> {
+    fn new(seq: u64, entry: &'a Entry, prev: &'a str, hash: &'a str) -> Self {
+        Self {
+            seq,
+            entry,
+            prev,
+            hash,
+        }
+    }
+
+    fn json(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    /// SHA-256 (hex) of the record with `hash` empty.
+    fn hash(&self) -> String {
+        let unhashed = Self { hash: "", ..*self };
+        crate::hex(&Sha256::digest(unhashed.json()))
     }
 }
 
@@ -418,22 +447,20 @@ async fn commit(
     batch: &[Submission],
     durable: bool,
 ) -> Option<Link> {
-    let mut link = head.clone();
-    let mut payloads = Vec::with_capacity(batch.len());
-    for submission in batch {
-        let mut record = Record {
-            seq: link.seq + 1,
-            entry: submission.entry.clone(),
-            prev: link.hash.clone(),
-            hash: String::new(),
-        };
-        record.hash = record.compute_hash();
-        link = Link {
-            seq: record.seq,
-            hash: record.hash.clone(),
-        };
-        payloads.push(serde_json::to_vec(&record).unwrap_or_default());
-    }
+    // The records, chained after `head`, and the new head. The chain is the same each time
+    // it is made, so a retry makes it again rather than keep a copy of every payload.
+    let chain = || {
+        let mut link = head.clone();
+        let mut payloads = Vec::with_capacity(batch.len());
+        for submission in batch {
+            let seq = link.seq + 1;
+            let hash = RecordView::new(seq, &submission.entry, &link.hash, "").hash();
+            payloads.push(RecordView::new(seq, &submission.entry, &link.hash, &hash).json());
+            link = Link { seq, hash };
+        }
+        (payloads, link)
+    };
+    let (mut payloads, link) = chain();
     let head_value = serde_json::to_vec(&link).unwrap_or_default();
     // A failed commit changes nothing: the same batch is tried again, so no record is lost
     // and the chain has no gap.
@@ -442,7 +469,7 @@ async fn commit(
         match store
             .append_with(
                 STREAM,
-                payloads.clone(),
+                std::mem::take(&mut payloads),
                 vec![KvOp::put(META, HEAD, head_value.clone())],
                 durable,
             )
@@ -460,6 +487,7 @@ async fn commit(
                 tracing::error!(error = %e, "writing audit records failed; retrying");
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(Duration::from_secs(5));
+                payloads = chain().0;
             }
         }
     }
@@ -656,6 +684,31 @@ mod tests {
     use super::*;
     use crate::fhir::{SchemaValidator, SearchRegistry};
     use crate::store::EmbeddedStore;
+
+    #[test]
+    fn the_writer_serializes_and_hashes_records_exactly_as_they_are_read_back() {
+        let mut entry = Entry::now("key:ops", "api-key", "read");
+        entry.resource_type = Some("Patient".into());
+        entry.resource_id = Some("p1".into());
+        entry.detail = Some("source upstream; params \"name\"".into());
+        entry.outcome = 200;
+        let mut record = Record {
+            seq: 7,
+            entry: entry.clone(),
+            prev: "ab".repeat(32),
+            hash: String::new(),
+        };
+        // The hash over the record with `hash` empty, as records written before had it.
+        let unhashed = serde_json::to_vec(&record).expect("json");
+        let expected = crate::hex(&Sha256::digest(&unhashed));
+        record.hash = record.compute_hash();
+        assert_eq!(record.hash, expected);
+        let view = RecordView::new(7, &entry, &record.prev, &record.hash);
+        assert_eq!(view.hash(), expected);
+        assert_eq!(view.json(), serde_json::to_vec(&record).expect("json"));
+        let back: Record = serde_json::from_slice(&view.json()).expect("a record");
+        assert_eq!(back, record);
+    }
 
     fn store() -> (tempfile::TempDir, Arc<dyn Store>) {
         let dir = tempfile::tempdir().expect("temp dir");
