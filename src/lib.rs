@@ -297,6 +297,16 @@ where
     // Starting up parses the FHIR schema and more; what that left free goes back to the
     // system instead of staying in the allocator's caches for the life of the process.
     return_free_memory();
+    // Histogram samples wait in the metrics recorder until they are drained into their
+    // buckets; draining them every few seconds keeps memory flat when nobody scrapes /metrics.
+    let upkeep = tokio::spawn(async {
+        let metrics = http::metrics_handle();
+        let mut every = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            every.tick().await;
+            metrics.run_upkeep();
+        }
+    });
     let listener = http::CappedListener::new(listener, config.server.max_connections);
     // Event streams never end by themselves: they are closed as soon as the shutdown starts,
     // so open review pages do not hold it for the whole grace period.
@@ -317,6 +327,7 @@ where
         },
     )
     .await;
+    upkeep.abort();
     app.pipeline.shutdown();
     app.sync
         .shutdown(Duration::from_secs(config.server.shutdown_grace_secs))

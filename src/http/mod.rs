@@ -397,6 +397,9 @@ impl Workers {
                 // events wake are queued locally instead of through a system call each.
                 let runtime = tokio::runtime::Builder::new_multi_thread()
                     .worker_threads(1)
+                    // Blocking work (store reads, PDF rendering) needs CPUs more than
+                    // threads; each thread more keeps memory of its own.
+                    .max_blocking_threads(8)
                     .thread_name(format!("fhirgate-http-{i}"))
                     .enable_all()
                     .build()?;
