@@ -154,6 +154,25 @@ async fn api(
 }
 
 /// Waits (up to a generous bound, so a slow machine does not fail) until `check` answers.
+/// The `name=value` pair of a response's `Set-Cookie`.
+fn cookie_pair(response: &reqwest::Response) -> String {
+    response.headers()["set-cookie"]
+        .to_str()
+        .expect("cookie")
+        .split(';')
+        .next()
+        .expect("pair")
+        .to_owned()
+}
+
+/// Where a redirect points.
+fn location(response: &reqwest::Response) -> String {
+    response.headers()["location"]
+        .to_str()
+        .expect("location")
+        .to_owned()
+}
+
 async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
 where
     F: FnMut() -> Fut,
@@ -831,26 +850,14 @@ async fn a_smart_launch_opens_a_session_for_the_launch_patient_and_bad_launches_
         .await
         .expect("launch");
     assert_eq!(launch.status(), StatusCode::SEE_OTHER);
-    let authorize = launch.headers()["location"]
-        .to_str()
-        .expect("location")
-        .to_owned();
+    let authorize = location(&launch);
     assert!(
         authorize.starts_with(&format!("{}/authorize?", smart.origin)),
         "{authorize}"
     );
-    let launch_cookie = launch.headers()["set-cookie"]
-        .to_str()
-        .expect("launch cookie")
-        .split(';')
-        .next()
-        .expect("pair")
-        .to_owned();
+    let launch_cookie = cookie_pair(&launch);
     let back = client.get(&authorize).send().await.expect("authorize");
-    let callback = back.headers()["location"]
-        .to_str()
-        .expect("callback")
-        .to_owned();
+    let callback = location(&back);
     // Another browser (an attacker handing over their own launch) cannot finish it.
     let elsewhere = client.get(&callback).send().await.expect("callback");
     assert_eq!(elsewhere.status(), StatusCode::BAD_REQUEST);
@@ -860,23 +867,11 @@ async fn a_smart_launch_opens_a_session_for_the_launch_patient_and_bad_launches_
         .send()
         .await
         .expect("launch");
-    let launch_cookie_again = launch.headers()["set-cookie"]
-        .to_str()
-        .expect("launch cookie")
-        .split(';')
-        .next()
-        .expect("pair")
-        .to_owned();
+    let launch_cookie_again = cookie_pair(&launch);
     assert_ne!(launch_cookie, launch_cookie_again);
-    let authorize = launch.headers()["location"]
-        .to_str()
-        .expect("location")
-        .to_owned();
+    let authorize = location(&launch);
     let back = client.get(&authorize).send().await.expect("authorize");
-    let callback = back.headers()["location"]
-        .to_str()
-        .expect("callback")
-        .to_owned();
+    let callback = location(&back);
     let opened = client
         .get(&callback)
         .header("cookie", &launch_cookie_again)
@@ -885,13 +880,7 @@ async fn a_smart_launch_opens_a_session_for_the_launch_patient_and_bad_launches_
         .expect("callback");
     assert_eq!(opened.status(), StatusCode::SEE_OTHER);
     assert_eq!(opened.headers()["location"], "/app/");
-    let cookie = opened.headers()["set-cookie"]
-        .to_str()
-        .expect("cookie")
-        .split(';')
-        .next()
-        .expect("pair")
-        .to_owned();
+    let cookie = cookie_pair(&opened);
     let (status, session) = api(
         &app,
         &cookie,
